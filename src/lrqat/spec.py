@@ -1,0 +1,189 @@
+"""Run configuration as small dataclasses, validated early.
+
+Every check a user can fail lives here, so a bad setting is reported before the
+model is loaded (seconds) rather than in the middle of a run (minutes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from lrqat.errors import LrqatError
+
+PHI_FORMATS = ("fp32", "bf16", "fp16", "fixed8", "int")
+RANGE_INITS = ("minmax", "lp")
+SCHEDULES = ("linear", "cosine", "constant")
+DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclass
+class QuantSpec:
+    """The integer grid of the weights: bit width, symmetry and granularity.
+
+    `group_size=None` means one scale per output channel; otherwise one scale per
+    group of `group_size` consecutive input columns.
+    """
+
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int | None = None
+    init: str = "lp"
+
+    def validate(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise LrqatError(f"bits={self.bits!r} is out of range: choose an integer from 2 to 8.")
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
+            raise LrqatError(
+                f"group size {self.group_size!r} must be a positive integer "
+                "(or use --granularity channel for one scale per output channel)."
+            )
+        if self.init not in RANGE_INITS:
+            raise LrqatError(f"unknown range init {self.init!r}: choose one of {', '.join(RANGE_INITS)}.")
+
+    def check_layer(self, name: str, in_features: int) -> None:
+        """Fail early when the group size does not tile a layer's input dimension."""
+        if self.group_size is not None and in_features % self.group_size != 0:
+            raise LrqatError(
+                f"group size {self.group_size} does not divide the input dimension {in_features} "
+                f"of layer {name}: choose a divisor of {in_features} or --granularity channel."
+            )
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def describe(self) -> str:
+        gran = "per-channel" if self.group_size is None else f"g{self.group_size}"
+        sym = "sym" if self.symmetric else "asym"
+        return f"W{self.bits} {gran} {sym}"
+
+
+@dataclass
+class LRQATSpec:
+    """The low-rank adapter and the storage format φ of the frozen base Φ0."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    phi: str = "fixed8"
+    targets: str = DEFAULT_TARGETS
+
+    def validate(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise LrqatError(f"rank={self.rank!r} must be a positive integer (e.g. --rank 32).")
+        if self.alpha <= 0:
+            raise LrqatError(f"alpha={self.alpha!r} must be positive.")
+        if self.phi not in PHI_FORMATS:
+            raise LrqatError(f"unknown storage format phi={self.phi!r}: choose one of {', '.join(PHI_FORMATS)}.")
+
+
+@dataclass
+class TrainSpec:
+    """The optimisation loop. Learning rates are separate for A/B and for the scales s."""
+
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    lr_scales: float = 1e-5
+    warmup: float = 0.1
+    schedule: str = "linear"
+    clip: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_checkpointing: bool = True
+    eval_every: int = 0
+    eval_blocks: int = 2
+    save_every: int = 25
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise LrqatError(f"{name.replace('_', '-')}={value!r} must be a positive integer.")
+        if self.seq_len < 2:
+            raise LrqatError(f"seq-len={self.seq_len} is too short: use at least 2 tokens.")
+        if self.lr < 0 or self.lr_scales < 0:
+            raise LrqatError("learning rates must be non-negative.")
+        if not 0 <= self.warmup < 1:
+            raise LrqatError(f"warmup={self.warmup!r} is a fraction of the steps: choose a value in [0, 1).")
+        if self.schedule not in SCHEDULES:
+            raise LrqatError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        if self.eval_every < 0 or self.save_every < 0:
+            raise LrqatError("eval-every and save-every must be >= 0 (0 turns them off).")
+
+
+@dataclass
+class DataSpec:
+    """Where the text comes from and how it becomes token blocks."""
+
+    source: str = "brown"
+    eval_fraction: float = 0.1
+    eval_context: int = 1024
+    eval_tokens: int = 8192
+
+    def validate(self) -> None:
+        if not 0 < self.eval_fraction < 1:
+            raise LrqatError(f"eval fraction {self.eval_fraction!r} must lie strictly between 0 and 1.")
+        if self.eval_context < 2:
+            raise LrqatError(f"eval context {self.eval_context} must be at least 2 tokens.")
+        if self.eval_tokens < self.eval_context:
+            raise LrqatError(
+                f"eval tokens {self.eval_tokens} is fewer than one eval context ({self.eval_context}): "
+                "raise --eval-tokens or lower --eval-context."
+            )
+
+
+@dataclass
+class RunSpec:
+    """One `lrqat quantize` run: everything needed to reproduce it."""
+
+    model: str = "smollm2-135m"
+    output: str = "runs/default"
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    lrqat: LRQATSpec = field(default_factory=LRQATSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+
+    def validate(self) -> None:
+        self.quant.validate()
+        self.lrqat.validate()
+        self.train.validate()
+        self.data.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
+        """Build from a nested dict (a YAML recipe), rejecting unknown keys by name."""
+        sections = {"quant": QuantSpec, "lrqat": LRQATSpec, "train": TrainSpec, "data": DataSpec}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in sections:
+                kwargs[key] = _build(sections[key], value or {}, key)
+            elif key in ("model", "output"):
+                kwargs[key] = value
+            else:
+                raise LrqatError(f"unknown recipe key {key!r}: expected one of model, output, {', '.join(sections)}.")
+        return cls(**kwargs)
+
+
+def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise LrqatError(
+            f"unknown key(s) {', '.join(sorted(unknown))} in recipe section {section!r}: "
+            f"expected some of {', '.join(sorted(known))}."
+        )
+    if "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
+    return cls(**values)

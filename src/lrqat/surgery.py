@@ -1,0 +1,125 @@
+"""Model surgery: find the target linears of a causal LM by name and swap them.
+
+A new architecture needs only a name pattern (`LRQATSpec.targets`), not new code:
+anything matching the pattern that is an `nn.Linear` is quantized; embeddings, the
+output head and norms stay float and frozen.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from lrqat.errors import LrqatError
+from lrqat.layers import LRQATLinear, QuantLinear
+from lrqat.ptq import init_params
+from lrqat.spec import LRQATSpec, QuantSpec
+
+
+def find_targets(model: nn.Module, pattern: str) -> list[tuple[str, nn.Linear]]:
+    """The `nn.Linear` modules whose qualified name matches `pattern` (re.search)."""
+    regex = re.compile(pattern)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and regex.search(n)]
+    if not found:
+        raise LrqatError(
+            f"no linear layer of the model matches the target pattern {pattern!r}: "
+            "check the model architecture or pass a pattern that names its linears."
+        )
+    return found
+
+
+def check_targets(model: nn.Module, quant: QuantSpec, pattern: str) -> list[tuple[str, nn.Linear]]:
+    """Find the targets and fail early on any layer the grid cannot tile."""
+    targets = find_targets(model, pattern)
+    for name, linear in targets:
+        quant.check_layer(name, linear.in_features)
+        if quant.bits <= 4 and linear.in_features % 2:
+            raise LrqatError(f"layer {name} has an odd input dimension {linear.in_features}: 4-bit packing needs it even.")
+    return targets
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+RangeParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def init_ranges(model: nn.Module, quant: QuantSpec, pattern: str) -> RangeParams:
+    """The PTQ scales (and zero points) of every target, computed once and shared by the
+    RTN baseline and the LR-QAT start point."""
+    return {name: init_params(linear.weight.detach(), quant) for name, linear in check_targets(model, quant, pattern)}
+
+
+def apply_lrqat(
+    model: nn.Module, quant: QuantSpec, lrqat: LRQATSpec, seed: int = 0, ranges: RangeParams | None = None
+) -> nn.Module:
+    """Freeze the model and swap every target linear for an `LRQATLinear`, in place.
+
+    The seed fixes the random init of every `B`, so a rebuilt model (on resume, or in
+    another process) starts identical.
+    """
+    ranges = ranges if ranges is not None else init_ranges(model, quant, lrqat.targets)
+    targets = check_targets(model, quant, lrqat.targets)
+    freeze(model)
+    generator = torch.Generator().manual_seed(seed)
+    for name, linear in targets:
+        s0, z0 = ranges[name]
+        replace_module(model, name, LRQATLinear(linear, quant, lrqat, s0, z0, generator=generator))
+    return model
+
+
+def apply_rtn(model: nn.Module, quant: QuantSpec, pattern: str, ranges: RangeParams | None = None) -> nn.Module:
+    """Round-to-nearest PTQ of every target linear, in place (the baseline and start point)."""
+    ranges = ranges if ranges is not None else init_ranges(model, quant, pattern)
+    targets = check_targets(model, quant, pattern)
+    freeze(model)
+    for name, linear in targets:
+        s0, z0 = ranges[name]
+        replace_module(model, name, QuantLinear.from_linear(linear, quant, s0, z0))
+    return model
+
+
+def merge_model(model: nn.Module) -> nn.Module:
+    """Swap every `LRQATLinear` for its merged `QuantLinear`, in place."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LRQATLinear):
+            replace_module(model, name, module.merge())
+    return model
+
+
+def lrqat_layers(model: nn.Module) -> list[tuple[str, LRQATLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LRQATLinear)]
+
+
+def trainable_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Trainable tensors by role, so each role gets its own learning rate."""
+    groups: dict[str, list[nn.Parameter]] = {"lowrank": [], "scales": []}
+    for _, layer in lrqat_layers(model):
+        groups["lowrank"] += [layer.A, layer.B]
+        groups["scales"].append(layer.s)
+    return groups
+
+
+def count_rtn_ties(model: nn.Module, reference: nn.Module) -> int:
+    """Integers where step 0 of LR-QAT (rounding the stored Φ0) differs from RTN of W0.
+
+    With `fixed8` this happens only at rounding ties of the stored fixed-point value
+    (METHOD.md §6); we report the count rather than hide it.
+    """
+    ref = dict(reference.named_modules())
+    diffs = 0
+    for name, layer in lrqat_layers(model):
+        rtn = ref.get(name)
+        if isinstance(rtn, QuantLinear):
+            diffs += int((layer.int_weight() != rtn.int_weight()).sum())
+    return diffs

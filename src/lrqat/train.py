@@ -1,0 +1,253 @@
+"""The training loop, on Accelerate.
+
+Plain code on purpose: one optimizer step = `grad_accum` micro-batches per process,
+clip, step, schedule. Which blocks a step reads is a pure function of (seed, step), so
+a resumed run continues exactly the trajectory it left, and N processes with the same
+global batch read the same blocks as one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from lrqat.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from lrqat.errors import LrqatError
+from lrqat.evaluate import perplexity
+from lrqat.spec import TrainSpec
+from lrqat.surgery import trainable_groups
+
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    peak_rss_mb: float
+    losses: list[float] = field(default_factory=list)
+
+
+def lr_factor(step: int, spec: TrainSpec) -> float:
+    """Warmup then linear/cosine decay to zero (or constant), as a multiplier of the base lr."""
+    warmup = round(spec.warmup * spec.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if spec.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, spec.steps - warmup)
+    if spec.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def step_indices(step: int, n_blocks: int, global_batch: int, seed: int) -> torch.Tensor:
+    """The block indices of one optimizer step: epochs of a seeded permutation."""
+    steps_per_epoch = max(1, n_blocks // global_batch)
+    epoch, offset = divmod(step, steps_per_epoch)
+    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    positions = torch.arange(offset * global_batch, (offset + 1) * global_batch) % n_blocks
+    return perm[positions]
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    groups = trainable_groups(model)
+    param_groups = [
+        {"params": groups["lowrank"], "lr": spec.lr, "name": "lowrank"},
+        {"params": groups["scales"], "lr": spec.lr_scales, "name": "scales"},
+    ]
+    return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=spec.betas, weight_decay=spec.weight_decay)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        raise LrqatError("the checkpoint's trainable tensors do not match this model: was it written by another run?")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+class Trainer:
+    """Trains the trainable tensors of a prepared (surgered) model on token blocks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_blocks: torch.Tensor,
+        eval_blocks: torch.Tensor,
+        spec: TrainSpec,
+        out_dir: Path,
+        fingerprint: dict[str, Any],
+    ) -> None:
+        self.spec = spec
+        self.out_dir = out_dir
+        self.fingerprint = fingerprint
+        self.train_blocks = train_blocks
+        self.eval_blocks = eval_blocks
+        self.accelerator = Accelerator()
+        if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = build_optimizer(model, spec)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, spec))
+        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.step = 0
+        self.losses: list[float] = []
+        self.elapsed = 0.0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / METRICS_NAME
+
+    def global_batch(self) -> int:
+        return self.spec.batch_size * self.spec.grad_accum * self.accelerator.num_processes
+
+    def save(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "step": self.step,
+            "trainable": trainable_state(self.accelerator.unwrap_model(self.model)),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "losses": self.losses,
+            "elapsed": self.elapsed,
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+        }
+        save_checkpoint(self.checkpoint_path, state)
+
+    def resume(self) -> None:
+        state = load_checkpoint(self.checkpoint_path)
+        if state.get("fingerprint") != json.dumps(self.fingerprint, sort_keys=True):
+            raise LrqatError(
+                f"checkpoint {self.checkpoint_path} was written by a run with other settings: "
+                "resume with the same settings, or choose a new --output."
+            )
+        load_trainable_state(self.accelerator.unwrap_model(self.model), state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.losses = list(state["losses"])
+        self.elapsed = state["elapsed"]
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint, which the resumed run redoes."""
+        if not self.metrics_path.exists() or not self.accelerator.is_main_process:
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.accelerator.is_main_process:
+            with self.metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _micro_batches(self, step: int) -> list[torch.Tensor]:
+        idx = step_indices(step, self.train_blocks.shape[0], self.global_batch(), self.spec.seed)
+        per_process = idx.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
+        return [self.train_blocks[chunk] for chunk in per_process.split(self.spec.batch_size)]
+
+    def train_step(self) -> tuple[float, float]:
+        self.model.train()
+        micro = self._micro_batches(self.step)
+        total = 0.0
+        for i, ids in enumerate(micro):
+            ids = ids.to(self.accelerator.device)
+            last = i == len(micro) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss / len(micro)
+                self.accelerator.backward(loss)
+            total += loss.item()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = self.accelerator.clip_grad_norm_(params, self.spec.clip) if self.spec.clip > 0 else torch.tensor(0.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        mean_loss = torch.tensor(total, device=self.accelerator.device)
+        return float(self.accelerator.reduce(mean_loss, reduction="mean")), float(grad_norm)
+
+    def run(self) -> TrainResult:
+        spec = self.spec
+        tokens_per_step = self.global_batch() * self.train_blocks.shape[1]
+        bar = tqdm(
+            total=spec.steps, initial=self.step, desc="LR-QAT", unit="step",
+            disable=not self.accelerator.is_main_process, dynamic_ncols=True,
+        )
+        try:
+            while self.step < spec.steps:
+                lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+                started = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                self.elapsed += time.perf_counter() - started
+                self.step += 1
+                self.losses.append(loss)
+                record: dict[str, Any] = {"step": self.step, "loss": loss, "grad_norm": grad_norm, **lrs,
+                                          "tokens": self.step * tokens_per_step, "seconds": round(self.elapsed, 2)}
+                if spec.eval_every and (self.step % spec.eval_every == 0 or self.step == spec.steps):
+                    record["eval_ppl"] = perplexity(self.model, self.eval_blocks[: spec.eval_blocks]).ppl
+                self._log(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step * self.step / max(self.elapsed, 1e-9):.0f}")
+                if spec.save_every and self.step % spec.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.save()
+            raise LrqatError(
+                f"interrupted at step {self.step}/{spec.steps}; the checkpoint is saved: "
+                "rerun the same command with --resume to continue."
+            ) from None
+        finally:
+            bar.close()
+        self.save()
+        self.model.eval()
+        return TrainResult(
+            steps=self.step,
+            tokens=self.step * tokens_per_step,
+            seconds=round(self.elapsed, 2),
+            peak_rss_mb=round(peak_memory_mb(), 1),
+            losses=self.losses,
+        )
+
+
+def train(
+    model: nn.Module,
+    train_blocks: torch.Tensor,
+    eval_blocks: torch.Tensor,
+    spec: TrainSpec,
+    out_dir: Path,
+    fingerprint: dict[str, Any],
+    resume: bool = False,
+) -> TrainResult:
+    """Train in place; with `resume`, continue from the checkpoint in `out_dir`."""
+    trainer = Trainer(model, train_blocks, eval_blocks, spec, out_dir, fingerprint)
+    if resume and trainer.checkpoint_path.exists():
+        trainer.resume()
+    return trainer.run()
