@@ -25,3 +25,39 @@ def tiny_model() -> LlamaForCausalLM:
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Keep tests out of the user's cache unless they use the real built-in assets."""
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF folder with the built-in model's real tokenizer,
+    so CLI and pipeline tests run in seconds."""
+    from transformers import AutoTokenizer
+
+    from lrqat.models import convert_builtin
+
+    tokenizer = AutoTokenizer.from_pretrained(convert_builtin("smollm2-135m"))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small local corpus: 40 paragraphs of varied sentences."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards",
+             "quietly", "judge", "boxing", "matches", "and", "every", "river", "runs", "to", "the", "sea", "under",
+             "a", "pale", "morning", "sky"]
+    paragraphs = []
+    for i in range(40):
+        sentence = " ".join(words[(i * 7 + k) % len(words)] for k in range(60))
+        paragraphs.append(sentence.capitalize() + ".")
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path

@@ -113,9 +113,8 @@ def file_documents(path: Path) -> list[Document]:
 
 
 def local_documents(source: str) -> list[Document]:
+    check_source(source)
     path = Path(source).expanduser()
-    if not path.exists():
-        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         if not files:
@@ -139,6 +138,12 @@ def split_paragraphs(docs: list[Document]) -> list[Document]:
         for i in range(0, len(paragraphs), 20):
             out.append(Document(f"{doc.id}#{i}", "\n\n".join(paragraphs[i : i + 20])))
     return out
+
+
+def check_source(source: str) -> None:
+    """Fail before any model is loaded when a local data source does not exist."""
+    if source != "brown" and not Path(source).expanduser().exists():
+        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
 
 
 def load_documents(source: str) -> list[Document]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -92,7 +94,25 @@ def resolve_model(source: str) -> str:
         return str(path)
     if path.exists() or source.startswith((".", "/", "~")):
         raise LrqatError(f"model path {source!r} is not a model directory: pass a folder with config.json.")
+    if not hub_reachable():
+        raise LrqatError(
+            f"unknown model {source!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), not a local model "
+            "directory, and the Hugging Face hub cannot be reached from here to look it up."
+        )
     return source
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick DNS + TCP check, so an offline machine fails in seconds rather than after
+    the hub client's retries (about 30 s)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

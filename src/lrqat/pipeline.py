@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lrqat.checkpoint import CHECKPOINT_NAME, atomic_write_text
-from lrqat.data import prepare_data
+from lrqat.data import check_source, prepare_data
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.native import save_quantized
@@ -71,13 +71,13 @@ class Stages:
 def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run LR-QAT end to end and return the results dict (also written to the output folder)."""
     spec.validate()
-    out = prepare_output(spec, resume)
-    stages = Stages(out / STAGES_NAME)
-    torch.manual_seed(spec.train.seed)
-
+    check_source(spec.data.source)
     log(f"loading model {spec.model}")
     model, tokenizer = load_model(spec.model)
     check_targets(model, spec.quant, spec.lrqat.targets)
+    out = prepare_output(spec, resume)
+    stages = Stages(out / STAGES_NAME)
+    torch.manual_seed(spec.train.seed)
     log(f"loading data {spec.data.source}")
     data = prepare_data(
         tokenizer, spec.data.source, spec.train.seq_len, spec.data.eval_context, spec.data.eval_tokens,

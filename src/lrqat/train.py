@@ -105,6 +105,7 @@ class Trainer:
     ) -> None:
         self.spec = spec
         self.out_dir = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = fingerprint
         self.train_blocks = train_blocks
         self.eval_blocks = eval_blocks

