@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -63,9 +64,10 @@ def test_quantize_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, text
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
-    assert set(results["ppl"]) == {"float", "ptq", "lrqat", "lrqat_merged"}
+    assert set(results["ppl"]) == {"float", "rtn", "ptq", "lrqat", "lrqat_merged"}
     assert results["ppl"]["lrqat_merged"] == results["ppl"]["lrqat"]
-    assert results["spec"]["quant"] == {"bits": 3, "symmetric": False, "group_size": 32, "init": "minmax"}
+    assert results["spec"]["quant"] == {"bits": 3, "symmetric": False, "group_size": 32, "init": "minmax",
+                                        "act_order": True, "damp": 0.01}
     assert results["train"]["steps"] == 3 and results["train"]["tokens"] == 3 * 2 * 32
     assert results["context"] == 64 and results["eval_tokens"] == 2 * 63
     assert "| LR-QAT, merged integer model |" in (out / "report.md").read_text()
@@ -76,3 +78,53 @@ def test_quantize_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, text
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((out / "results.json").read_text())["ppl"] == results["ppl"]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, text_file):
+    """SIGKILL mid-training (no chance to clean up), then --resume: same model as a clean run."""
+    common = ["quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--steps", "40", "--batch-size", "2",
+              "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128", "--rank", "4", "--init", "minmax",
+              "--save-every", "1", "--lr", "0.01"]
+    clean = run_cli(*common, "--output", str(tmp_path / "clean"))
+    assert clean.returncode == 0, clean.stderr
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "lrqat.cli", *common, "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not _metrics_reached(out, 5):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    resumed = run_cli(*common, "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    clean_results = json.loads((tmp_path / "clean" / "results.json").read_text())
+    resumed_results = json.loads((out / "results.json").read_text())
+    assert resumed_results["ppl"] == pytest.approx(clean_results["ppl"], rel=1e-6)
+
+
+def _metrics_reached(out, step):
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= step
+
+
+def test_compare_runs_every_method_on_equal_terms(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "cmp"
+    proc = run_cli("compare", "--methods", "rtn,gptq,peqa,naive-lora,qat,lrqat", "--model", str(tiny_model_dir),
+                   "--data", str(text_file), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                   "--eval-context", "64", "--eval-tokens", "128", "--rank", "4", "--init", "minmax",
+                   "--calib-tokens", "128", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "compare.json").read_text())
+    methods = summary["methods"]
+    assert list(methods) == ["rtn", "gptq", "peqa", "naive-lora", "qat", "lrqat"]
+    assert methods["rtn"]["gap_recovered"] == 0.0 and methods["rtn"]["trainable_params"] == 0
+    assert {methods[m]["train_tokens"] for m in ("peqa", "naive-lora", "qat", "lrqat")} == {2 * 2 * 32}
+    assert methods["qat"]["trainable_params"] > methods["lrqat"]["trainable_params"] > methods["peqa"]["trainable_params"]
+    assert "| LR-QAT |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 10_000
+
+
+def test_compare_refuses_unknown_methods(tmp_path):
+    assert_clean_error(run_cli("compare", "--methods", "rtn,magic", "--output", str(tmp_path)), "magic")

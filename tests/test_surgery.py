@@ -4,8 +4,9 @@ import torch
 from lrqat.errors import LrqatError
 from lrqat.export.native import load_quantized, save_quantized
 from lrqat.layers import LRQATLinear, QuantLinear
+from lrqat.methods import apply_lrqat, apply_rtn
 from lrqat.spec import LRQATSpec, QuantSpec
-from lrqat.surgery import apply_lrqat, apply_rtn, find_targets, merge_model, trainable_groups
+from lrqat.surgery import find_targets, merge_model, trainable_groups
 
 SPEC = QuantSpec(bits=4, group_size=16, init="minmax")
 LR = LRQATSpec(rank=4)
@@ -26,7 +27,7 @@ def test_lrqat_swaps_targets_and_freezes_everything_else(tiny_model):
     assert not tiny_model.model.embed_tokens.weight.requires_grad
     assert not tiny_model.model.norm.weight.requires_grad
     groups = trainable_groups(tiny_model)
-    assert len(groups["lowrank"]) == 28 and len(groups["scales"]) == 14
+    assert len(groups["main"]) == 28 and len(groups["scales"]) == 14
 
 
 def test_model_gradients_reach_only_adapters_and_scales(tiny_model):

@@ -6,8 +6,8 @@ import torch
 from conftest import tiny_llama
 from lrqat.checkpoint import CHECKPOINT_NAME
 from lrqat.errors import LrqatError
+from lrqat.methods import apply_lrqat
 from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
-from lrqat.surgery import apply_lrqat
 from lrqat.train import Trainer, lr_factor, step_indices, train
 
 SPEC = TrainSpec(steps=6, batch_size=2, seq_len=16, grad_accum=2, lr=0.01, lr_scales=1e-3, save_every=2, warmup=0.2)

@@ -13,10 +13,11 @@ from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.native import load_quantized, save_quantized
 from lrqat.layers import LRQATLinear, QuantLinear
+from lrqat.methods import apply_lrqat, apply_rtn
 from lrqat.models import load_model
 from lrqat.pipeline import run_quantize
 from lrqat.spec import DataSpec, LRQATSpec, QuantSpec, RunSpec, TrainSpec
-from lrqat.surgery import apply_lrqat, apply_rtn, merge_model
+from lrqat.surgery import merge_model
 from lrqat.train import train
 
 __all__ = [

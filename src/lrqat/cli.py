@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -11,12 +12,15 @@ from typing import Any
 import yaml
 
 from lrqat.errors import LrqatError
-from lrqat.spec import PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
+from lrqat.spec import METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
 
 # flag name → (section, field) of RunSpec
 _FLAG_FIELDS = {
     "model": (None, "model"),
     "output": (None, "output"),
+    "method": (None, "method"),
+    "calib_tokens": ("data", "calib_tokens"),
+    "damp": ("quant", "damp"),
     "data": ("data", "source"),
     "eval_context": ("data", "eval_context"),
     "eval_tokens": ("data", "eval_tokens"),
@@ -53,6 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="float → RTN → LR-QAT → merged integer model, with a report")
+    q.add_argument("--method", choices=METHODS, help="quantization method (default lrqat)")
+    add_run_flags(q)
+    q.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+
+    c = sub.add_parser("compare", help="run several methods on equal terms; write compare.json/.md/.png")
+    c.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
+    add_run_flags(c)
+
+    sub.add_parser("setup", help="fetch the built-in corpus and convert the built-in model into the cache")
+    return parser
+
+
+def add_run_flags(q: argparse.ArgumentParser) -> None:
+    """The settings shared by `quantize` and `compare`."""
     q.add_argument("--recipe", type=Path, help="YAML file with any of the settings below (flags override it)")
     q.add_argument("--model", help="built-in name (smollm2-135m), HF model folder, or hub id")
     q.add_argument("--data", help="'brown' (built-in), a .txt/.jsonl file, or a folder of them")
@@ -63,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with zero points")
     q.add_argument("--granularity", help="'channel' (one scale per output channel) or 'group' / 'g128' (per group)")
     q.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
-    q.add_argument("--init", choices=RANGE_INITS, help="range init of the scales: minmax or lp (p=4 grid search)")
+    q.add_argument("--init", choices=RANGE_INITS,
+                   help="PTQ start: minmax or lp (p=4 grid search) ranges, or gptq (lp ranges + GPTQ integers)")
     q.add_argument("--phi", choices=PHI_FORMATS, help="storage of the frozen base Φ0 (default fixed8)")
     q.add_argument("--rank", type=int, help="rank r of the adapter A·B")
     q.add_argument("--alpha", type=float, help="adapter scaling numerator: C = (alpha/r)·A·B")
@@ -82,11 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-every", type=int, help="quick eval every N steps (0: off)")
     q.add_argument("--save-every", type=int, help="checkpoint every N steps")
     q.add_argument("--seed", type=int, help="seed of data order and adapter init")
-    q.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
     q.add_argument("--no-grad-checkpointing", action="store_true", help="keep block activations (faster, more memory)")
-
-    sub.add_parser("setup", help="fetch the built-in corpus and convert the built-in model into the cache")
-    return parser
+    q.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in order, not by Hessian")
+    q.add_argument("--damp", type=float, help="GPTQ: damping as a fraction of the mean Hessian diagonal (0.01)")
+    q.add_argument("--calib-tokens", type=int, help="GPTQ: calibration tokens from the train split (16384)")
 
 
 def load_recipe(path: Path | None) -> dict[str, Any]:
@@ -106,7 +124,7 @@ def load_recipe(path: Path | None) -> dict[str, Any]:
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     raw = load_recipe(args.recipe)
     for flag, (section, name) in _FLAG_FIELDS.items():
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is None:
             continue
         if section is None:
@@ -120,6 +138,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         quant["group_size"] = parse_granularity(args.granularity, args.group_size)
     if args.no_grad_checkpointing:
         raw.setdefault("train", {})["grad_checkpointing"] = False
+    if args.no_act_order:
+        quant["act_order"] = False
     return RunSpec.from_dict(raw)
 
 
@@ -145,6 +165,14 @@ def main(argv: list[str] | None = None) -> int:
             setup()
             return 0
         spec = spec_from_args(args)
+        if args.command == "compare":
+            from lrqat.compare import parse_methods, run_compare
+
+            methods = parse_methods(args.methods)
+            copy.deepcopy(spec).validate()
+            summary = run_compare(spec, methods)
+            print(json.dumps({m: round(v["ppl"], 3) for m, v in summary["methods"].items()}, indent=2))
+            return 0
         spec.validate()
         from lrqat.pipeline import run_quantize
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from lrqat.downcast import downcast, upcast
 from lrqat.ptq import init_params
-from lrqat.quantizer import dequantize, pack_ints, round_ste, to_grid, unpack_ints
+from lrqat.quantizer import dequantize, fake_quant, pack_ints, round_ste, to_grid, unpack_ints
 from lrqat.spec import LRQATSpec, QuantSpec
 
 
@@ -179,8 +179,92 @@ class LRQATLinear(nn.Module):
         """The deployed integer layer: same function, no adapter."""
         return QuantLinear(self.spec, self.int_weight(), self.s.detach(), self.zeros, self.bias)
 
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable tensors by role (each role has its own learning rate)."""
+        return _trainable({"main": [self.A, self.B], "scales": [self.s]})
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, "
             f"rank={self.rank}, phi={self.phi_format}"
         )
+
+
+def _trainable(groups: dict[str, list[nn.Parameter]]) -> dict[str, list[nn.Parameter]]:
+    return {role: [p for p in params if p.requires_grad] for role, params in groups.items()}
+
+
+class QATLinear(nn.Module):
+    """Full-model QAT baseline: every weight trainable, fake-quantized with learnable
+    scales (LSQ-style: the straight-through rounding lets `s` receive the LSQ gradient).
+    The float weight and its optimizer state cost 12+ bytes per weight: the memory
+    LR-QAT avoids."""
+
+    def __init__(
+        self, linear: nn.Linear, spec: QuantSpec, scales: torch.Tensor | None = None, zeros: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.out_features, self.in_features = linear.weight.shape
+        if scales is None:
+            scales, zeros = init_params(linear.weight.detach(), spec)
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        self.s = nn.Parameter(scales.float().clone())
+        self.register_buffer("zeros", None if zeros is None else zeros.float().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def int_weight(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.round(to_grid(self.weight, self.s, self.zeros, self.spec))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, fake_quant(self.weight, self.s, self.zeros, self.spec).to(x.dtype), self.bias)
+
+    def merge(self) -> QuantLinear:
+        return QuantLinear(self.spec, self.int_weight(), self.s.detach(), self.zeros, self.bias)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return _trainable({"main": [self.weight], "scales": [self.s]})
+
+
+class NaiveLoRALinear(nn.Module):
+    """The baseline LR-QAT improves on: a float LoRA beside a fake-quantized frozen base,
+    `y = x·Ŵ0ᵀ + (α/r)·x·(A·B)ᵀ`. Merging must add `A·B` to the weight and quantize
+    again, which rounds away most of what the adapter learned: the merged model does not
+    compute what training computed (that gap is what this baseline shows)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        spec: QuantSpec,
+        lrqat: LRQATSpec,
+        scales: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.out_features, self.in_features = linear.weight.shape
+        self.scaling = lrqat.alpha / lrqat.rank
+        rtn = QuantLinear.from_linear(linear, spec, scales, zeros)
+        self.register_buffer("base_weight", rtn.weight())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.A = nn.Parameter(torch.zeros(self.out_features, lrqat.rank))
+        self.B = nn.Parameter(torch.rand(lrqat.rank, self.in_features, generator=generator) * 2 * bound - bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(x, self.B.to(x.dtype)), self.A.to(x.dtype)) * self.scaling
+        return F.linear(x, self.base_weight.to(x.dtype), self.bias) + update
+
+    def merge(self) -> QuantLinear:
+        """Fold the adapter into the float weight, then RTN with fresh ranges."""
+        with torch.no_grad():
+            merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+            merged.weight.copy_(self.base_weight + self.scaling * self.A @ self.B)
+            if self.bias is not None:
+                merged.bias.copy_(self.bias)
+        return QuantLinear.from_linear(merged, self.spec)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return _trainable({"main": [self.A, self.B]})

@@ -22,11 +22,12 @@ from lrqat.data import check_source, prepare_data
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.native import save_quantized
+from lrqat.methods import TRAINED, apply_method, apply_rtn, gptq_start
 from lrqat.models import load_model
 from lrqat.report import write_results
 from lrqat.spec import RunSpec
-from lrqat.surgery import apply_lrqat, apply_rtn, check_targets, count_rtn_ties, init_ranges, merge_model
-from lrqat.train import train
+from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
+from lrqat.train import TrainResult, peak_memory_mb, train
 
 STAGES_NAME = "stages.json"
 
@@ -69,7 +70,8 @@ class Stages:
 
 
 def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run LR-QAT end to end and return the results dict (also written to the output folder)."""
+    """Run one method (LR-QAT by default) end to end; return the results dict, also
+    written to the output folder."""
     spec.validate()
     check_source(spec.data.source)
     log(f"loading model {spec.model}")
@@ -94,31 +96,49 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         return ppl
 
     ppl_float = stages.get("ppl_float", lambda: evaluate("float", model))
-    log(f"range init ({spec.quant.init}) for {spec.quant.describe()}")
-    ranges = init_ranges(model, spec.quant, spec.lrqat.targets)
-    rtn_model = apply_rtn(copy.deepcopy(model), spec.quant, spec.lrqat.targets, ranges)
-    ppl_ptq = stages.get("ppl_ptq", partial(evaluate, "RTN", rtn_model))
+    quant, targets = spec.quant, spec.lrqat.targets
+    log(f"range init ({quant.range_init}) for {quant.describe()}")
+    ranges = init_ranges(model, quant, targets)
+    rtn_model = apply_rtn(copy.deepcopy(model), quant, targets, ranges)
+    ppl_rtn = stages.get("ppl_rtn", partial(evaluate, "RTN", rtn_model))
+    integers = None
+    if spec.method == "gptq" or quant.init == "gptq":
+        calib = data.train[: max(1, spec.data.calib_tokens // data.train.shape[1])]
+        log(f"GPTQ on {calib.numel()} calibration tokens")
+        integers = gptq_start(model, quant, targets, ranges, calib)
+    ppl_ptq = ppl_rtn
+    if quant.init == "gptq":
+        gptq_model = apply_method("gptq", copy.deepcopy(model), quant, spec.lrqat, ranges, integers=integers)
+        ppl_ptq = stages.get("ppl_gptq", partial(evaluate, "GPTQ", gptq_model))
+        del gptq_model
 
-    apply_lrqat(model, spec.quant, spec.lrqat, seed=spec.train.seed, ranges=ranges)
+    apply_method(spec.method, model, quant, spec.lrqat, ranges, seed=spec.train.seed, integers=integers)
     ties = stages.get("rtn_tie_differences", partial(count_rtn_ties, model, rtn_model))
     del rtn_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    result = train(model, data.train, data.eval, spec.train, out, fingerprint(spec), resume=resume)
-    ppl_lrqat = evaluate("LR-QAT (training-time)", model)
-    merge_model(model)
-    ppl_merged = evaluate("LR-QAT merged", model)
-    save_quantized(model, tokenizer, out / "model", spec.quant)
+    if spec.method in TRAINED:
+        result = train(model, data.train, data.eval, spec.train, out, fingerprint(spec), resume=resume)
+        ppl_trained = evaluate(f"{spec.method} (training-time)", model)
+        merge_model(model)
+    else:
+        result = TrainResult(steps=0, tokens=0, seconds=0.0, peak_rss_mb=round(peak_memory_mb(), 1))
+    ppl_merged = evaluate(f"{spec.method} merged", model)
+    if spec.method not in TRAINED:
+        ppl_trained = ppl_merged
+    save_quantized(model, tokenizer, out / "model", quant)
 
     results = {
         "model": spec.model,
         "data": spec.data.source,
+        "method": spec.method,
         "spec": fingerprint(spec),
         "eval_tokens": int(data.eval.shape[0] * (data.eval.shape[1] - 1)),
         "context": int(data.eval.shape[1]),
-        "ppl": {"float": ppl_float, "ptq": ppl_ptq, "lrqat": ppl_lrqat, "lrqat_merged": ppl_merged},
-        "gap_recovered": (ppl_ptq - ppl_merged) / (ppl_ptq - ppl_float) if ppl_ptq != ppl_float else None,
-        "merged_vs_training_rel_diff": abs(ppl_merged - ppl_lrqat) / ppl_lrqat,
+        "ppl": {"float": ppl_float, "rtn": ppl_rtn, "ptq": ppl_ptq,
+                spec.method: ppl_trained, f"{spec.method}_merged": ppl_merged},
+        "gap_recovered": (ppl_rtn - ppl_merged) / (ppl_rtn - ppl_float) if ppl_rtn != ppl_float else None,
+        "merged_vs_training_rel_diff": abs(ppl_merged - ppl_trained) / ppl_trained,
         "rtn_tie_differences": ties,
         "trainable_params": trainable,
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,

@@ -8,6 +8,9 @@ from typing import Any
 
 from lrqat.checkpoint import atomic_write_text
 
+METHOD_NAMES = {"rtn": "RTN", "gptq": "GPTQ", "peqa": "PEQA", "naive-lora": "naive LoRA-QAT", "qat": "full QAT",
+                "lrqat": "LR-QAT"}
+
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> None:
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -15,18 +18,20 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> None:
 
 
 def render_report(r: dict[str, Any]) -> str:
-    ppl = r["ppl"]
+    ppl, method = r["ppl"], r["method"]
     q, lr, t = r["spec"]["quant"], r["spec"]["lrqat"], r["train"]
     gran = "per-channel" if q["group_size"] is None else f"group {q['group_size']}"
-    rows = [
-        ("float (unquantized)", ppl["float"]),
-        (f"RTN ({q['init']} init), the PTQ start", ppl["ptq"]),
-        ("LR-QAT, training-time model", ppl["lrqat"]),
-        ("LR-QAT, merged integer model", ppl["lrqat_merged"]),
-    ]
+    name = METHOD_NAMES[method]
+    rows = [("float (unquantized)", ppl["float"]), (f"RTN ({'lp' if q['init'] == 'gptq' else q['init']} ranges)", ppl["rtn"])]
+    if q["init"] == "gptq":
+        rows.append(("GPTQ, the PTQ start", ppl["ptq"]))
+    if method in ("rtn", "gptq"):
+        rows.append((f"{name}, integer model", ppl[f"{method}_merged"]))
+    else:
+        rows += [(f"{name}, training-time model", ppl[method]), (f"{name}, merged integer model", ppl[f"{method}_merged"])]
     gap = r.get("gap_recovered")
     lines = [
-        f"# lrqat report: {r['model']}",
+        f"# lrqat report: {name} on {r['model']}",
         "",
         (f"W{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'} {gran}, "
         f"phi={lr['phi']}, rank {lr['rank']}, alpha {lr['alpha']}. Data: {r['data']}."),

@@ -13,23 +13,39 @@ from typing import Any
 from lrqat.errors import LrqatError
 
 PHI_FORMATS = ("fp32", "bf16", "fp16", "fixed8", "int")
-RANGE_INITS = ("minmax", "lp")
+RANGE_INITS = ("minmax", "lp", "gptq")
+METHODS = ("rtn", "gptq", "peqa", "naive-lora", "qat", "lrqat")
 SCHEDULES = ("linear", "cosine", "constant")
 DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
+# Learning rates (A/B or weights, scales) that suit each trained method on the default
+# budget, measured on the built-in model (README); --lr / --lr-scales override them.
+METHOD_LRS = {
+    "lrqat": (3e-3, 1e-4),
+    "naive-lora": (3e-3, 0.0),
+    "peqa": (0.0, 1e-4),
+    "qat": (1e-5, 1e-4),
+}
+
+
 @dataclass
 class QuantSpec:
-    """The integer grid of the weights: bit width, symmetry and granularity.
+    """The integer grid of the weights: bit width, symmetry and granularity, and how
+    the post-training start is found.
 
     `group_size=None` means one scale per output channel; otherwise one scale per
-    group of `group_size` consecutive input columns.
+    group of `group_size` consecutive input columns. `init` sets the ranges (`minmax`
+    or the `lp` search); `gptq` takes `lp` ranges and lets GPTQ choose the integers
+    (`act_order`, `damp` are GPTQ's options).
     """
 
     bits: int = 4
     symmetric: bool = True
     group_size: int | None = None
     init: str = "lp"
+    act_order: bool = True
+    damp: float = 0.01
 
     def validate(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -41,6 +57,13 @@ class QuantSpec:
             )
         if self.init not in RANGE_INITS:
             raise LrqatError(f"unknown range init {self.init!r}: choose one of {', '.join(RANGE_INITS)}.")
+        if not 0 <= self.damp < 1:
+            raise LrqatError(f"GPTQ damping {self.damp!r} is a fraction of the mean Hessian diagonal: choose [0, 1).")
+
+    @property
+    def range_init(self) -> str:
+        """The range setting: GPTQ starts from the `lp` ranges."""
+        return "lp" if self.init == "gptq" else self.init
 
     def check_layer(self, name: str, in_features: int) -> None:
         """Fail early when the group size does not tile a layer's input dimension."""
@@ -84,14 +107,15 @@ class LRQATSpec:
 
 @dataclass
 class TrainSpec:
-    """The optimisation loop. Learning rates are separate for A/B and for the scales s."""
+    """The optimisation loop. Learning rates are separate for the main tensors (A/B, or
+    the weights in full QAT) and for the scales s; `None` takes the method's default."""
 
-    steps: int = 100
+    steps: int = 80
     batch_size: int = 4
     seq_len: int = 256
     grad_accum: int = 1
-    lr: float = 1e-3
-    lr_scales: float = 1e-5
+    lr: float | None = None
+    lr_scales: float | None = None
     warmup: float = 0.1
     schedule: str = "linear"
     clip: float = 1.0
@@ -110,7 +134,7 @@ class TrainSpec:
                 raise LrqatError(f"{name.replace('_', '-')}={value!r} must be a positive integer.")
         if self.seq_len < 2:
             raise LrqatError(f"seq-len={self.seq_len} is too short: use at least 2 tokens.")
-        if self.lr < 0 or self.lr_scales < 0:
+        if (self.lr or 0) < 0 or (self.lr_scales or 0) < 0:
             raise LrqatError("learning rates must be non-negative.")
         if not 0 <= self.warmup < 1:
             raise LrqatError(f"warmup={self.warmup!r} is a fraction of the steps: choose a value in [0, 1).")
@@ -128,6 +152,7 @@ class DataSpec:
     eval_fraction: float = 0.1
     eval_context: int = 1024
     eval_tokens: int = 8192
+    calib_tokens: int = 16384
 
     def validate(self) -> None:
         if not 0 < self.eval_fraction < 1:
@@ -147,12 +172,18 @@ class RunSpec:
 
     model: str = "smollm2-135m"
     output: str = "runs/default"
+    method: str = "lrqat"
     quant: QuantSpec = field(default_factory=QuantSpec)
     lrqat: LRQATSpec = field(default_factory=LRQATSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     data: DataSpec = field(default_factory=DataSpec)
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise LrqatError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        lr, lr_scales = METHOD_LRS.get(self.method, (0.0, 0.0))
+        self.train.lr = lr if self.train.lr is None else self.train.lr
+        self.train.lr_scales = lr_scales if self.train.lr_scales is None else self.train.lr_scales
         self.quant.validate()
         self.lrqat.validate()
         self.train.validate()
@@ -169,10 +200,10 @@ class RunSpec:
         for key, value in raw.items():
             if key in sections:
                 kwargs[key] = _build(sections[key], value or {}, key)
-            elif key in ("model", "output"):
+            elif key in ("model", "output", "method"):
                 kwargs[key] = value
             else:
-                raise LrqatError(f"unknown recipe key {key!r}: expected one of model, output, {', '.join(sections)}.")
+                raise LrqatError(f"unknown recipe key {key!r}: expected one of model, output, method, {', '.join(sections)}.")
         return cls(**kwargs)
 
 

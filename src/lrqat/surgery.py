@@ -15,7 +15,7 @@ from torch import nn
 from lrqat.errors import LrqatError
 from lrqat.layers import LRQATLinear, QuantLinear
 from lrqat.ptq import init_params
-from lrqat.spec import LRQATSpec, QuantSpec
+from lrqat.spec import QuantSpec
 
 
 def find_targets(model: nn.Module, pattern: str) -> list[tuple[str, nn.Linear]]:
@@ -60,39 +60,10 @@ def init_ranges(model: nn.Module, quant: QuantSpec, pattern: str) -> RangeParams
     return {name: init_params(linear.weight.detach(), quant) for name, linear in check_targets(model, quant, pattern)}
 
 
-def apply_lrqat(
-    model: nn.Module, quant: QuantSpec, lrqat: LRQATSpec, seed: int = 0, ranges: RangeParams | None = None
-) -> nn.Module:
-    """Freeze the model and swap every target linear for an `LRQATLinear`, in place.
-
-    The seed fixes the random init of every `B`, so a rebuilt model (on resume, or in
-    another process) starts identical.
-    """
-    ranges = ranges if ranges is not None else init_ranges(model, quant, lrqat.targets)
-    targets = check_targets(model, quant, lrqat.targets)
-    freeze(model)
-    generator = torch.Generator().manual_seed(seed)
-    for name, linear in targets:
-        s0, z0 = ranges[name]
-        replace_module(model, name, LRQATLinear(linear, quant, lrqat, s0, z0, generator=generator))
-    return model
-
-
-def apply_rtn(model: nn.Module, quant: QuantSpec, pattern: str, ranges: RangeParams | None = None) -> nn.Module:
-    """Round-to-nearest PTQ of every target linear, in place (the baseline and start point)."""
-    ranges = ranges if ranges is not None else init_ranges(model, quant, pattern)
-    targets = check_targets(model, quant, pattern)
-    freeze(model)
-    for name, linear in targets:
-        s0, z0 = ranges[name]
-        replace_module(model, name, QuantLinear.from_linear(linear, quant, s0, z0))
-    return model
-
-
 def merge_model(model: nn.Module) -> nn.Module:
-    """Swap every `LRQATLinear` for its merged `QuantLinear`, in place."""
+    """Swap every trained layer (anything with `merge()`) for its `QuantLinear`, in place."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, LRQATLinear):
+        if hasattr(module, "merge") and not isinstance(module, QuantLinear):
             replace_module(model, name, module.merge())
     return model
 
@@ -102,11 +73,13 @@ def lrqat_layers(model: nn.Module) -> list[tuple[str, LRQATLinear]]:
 
 
 def trainable_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Trainable tensors by role, so each role gets its own learning rate."""
-    groups: dict[str, list[nn.Parameter]] = {"lowrank": [], "scales": []}
-    for _, layer in lrqat_layers(model):
-        groups["lowrank"] += [layer.A, layer.B]
-        groups["scales"].append(layer.s)
+    """Trainable tensors by role (`main`: A/B or the weights; `scales`), so each role
+    gets its own learning rate. Every trainable layer type reports its own."""
+    groups: dict[str, list[nn.Parameter]] = {"main": [], "scales": []}
+    for module in model.modules():
+        if hasattr(module, "param_groups") and not isinstance(module, torch.optim.Optimizer):
+            for role, params in module.param_groups().items():
+                groups[role] += params
     return groups
 
 

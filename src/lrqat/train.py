@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from lrqat.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
-from lrqat.spec import TrainSpec
+from lrqat.spec import METHOD_LRS, TrainSpec
 from lrqat.surgery import trainable_groups
 
 METRICS_NAME = "metrics.jsonl"
@@ -71,9 +71,11 @@ def peak_memory_mb() -> float:
 
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     groups = trainable_groups(model)
+    default_lr, default_lr_scales = METHOD_LRS["lrqat"]
     param_groups = [
-        {"params": groups["lowrank"], "lr": spec.lr, "name": "lowrank"},
-        {"params": groups["scales"], "lr": spec.lr_scales, "name": "scales"},
+        {"params": groups["main"], "lr": default_lr if spec.lr is None else spec.lr, "name": "main"},
+        {"params": groups["scales"], "lr": default_lr_scales if spec.lr_scales is None else spec.lr_scales,
+         "name": "scales"},
     ]
     return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=spec.betas, weight_decay=spec.weight_decay)
 
@@ -244,11 +246,15 @@ def train(
     eval_blocks: torch.Tensor,
     spec: TrainSpec,
     out_dir: Path,
-    fingerprint: dict[str, Any],
+    fingerprint: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train in place; with `resume`, continue from the checkpoint in `out_dir`."""
-    trainer = Trainer(model, train_blocks, eval_blocks, spec, out_dir, fingerprint)
+    """Train in place; with `resume`, continue from the checkpoint in `out_dir`.
+
+    `fingerprint` is any JSON-able description of the settings; a checkpoint written
+    under another fingerprint is refused on resume.
+    """
+    trainer = Trainer(model, train_blocks, eval_blocks, spec, Path(out_dir), fingerprint or {})
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
     return trainer.run()

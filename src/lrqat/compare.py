@@ -1,0 +1,138 @@
+"""`lrqat compare`: every method on the same model, data, spec, token budget and eval.
+
+Each method runs as its own `lrqat quantize` process, so its peak memory is its own
+(max RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) and a killed comparison
+resumes method by method. The float and RTN perplexities of the first run are handed
+to the others instead of being recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrqat.checkpoint import atomic_write_text
+from lrqat.errors import LrqatError
+from lrqat.report import METHOD_NAMES
+from lrqat.spec import METHODS, RunSpec
+
+SHARED_STAGES = ("ppl_float", "ppl_rtn")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise LrqatError(f"unknown method(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}.")
+    return methods
+
+
+def run_compare(spec: RunSpec, methods: list[str], log: Any = print) -> dict[str, Any]:
+    """Run `methods` one after another under `spec.output`; write compare.json/.md/.png."""
+    out = Path(spec.output)
+    out.mkdir(parents=True, exist_ok=True)
+    shared: dict[str, Any] = {}
+    rows = {}
+    for method in methods:
+        run_dir = out / method
+        run_dir.mkdir(parents=True, exist_ok=True)
+        raw = json.loads(json.dumps(spec.to_dict()))
+        raw.update(method=method, output=str(run_dir))
+        recipe = run_dir / "recipe.yaml"
+        atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
+        stages = run_dir / "stages.json"
+        if shared and not stages.exists():
+            atomic_write_text(stages, json.dumps(shared))
+        log(f"== {method} ==")
+        proc = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--recipe", str(recipe), "--resume"],
+                              check=False)
+        if proc.returncode != 0:
+            raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
+        if not shared:
+            done = json.loads(stages.read_text())
+            shared = {k: done[k] for k in SHARED_STAGES if k in done}
+        rows[method] = json.loads((run_dir / "results.json").read_text())
+    summary = summarize(rows)
+    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "compare.md", render_compare(summary))
+    plot_compare(summary, out, out / "compare.png")
+    return summary
+
+
+def summarize(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    first = next(iter(rows.values()))
+    ppl_float, ppl_rtn = first["ppl"]["float"], first["ppl"]["rtn"]
+    methods = {}
+    for method, r in rows.items():
+        ppl = r["ppl"][f"{method}_merged"]
+        methods[method] = {
+            "ppl": ppl,
+            "ppl_training_time": r["ppl"][method],
+            "gap_recovered": (ppl_rtn - ppl) / (ppl_rtn - ppl_float) if ppl_rtn != ppl_float else None,
+            "train_seconds": r["train"]["seconds"],
+            "train_tokens": r["train"]["tokens"],
+            "peak_memory_mb": r["train"]["peak_rss_mb"],
+            "trainable_params": r["trainable_params"],
+        }
+    return {
+        "model": first["model"], "data": first["data"], "spec": {k: first["spec"][k] for k in ("quant", "lrqat", "train")},
+        "eval_tokens": first["eval_tokens"], "context": first["context"],
+        "ppl_float": ppl_float, "ppl_rtn": ppl_rtn, "methods": methods,
+    }
+
+
+def render_compare(s: dict[str, Any]) -> str:
+    q = s["spec"]["quant"]
+    gran = "per-channel" if q["group_size"] is None else f"g{q['group_size']}"
+    lines = [
+        f"# Method comparison: {s['model']}, W{q['bits']} {gran} {'sym' if q['symmetric'] else 'asym'}",
+        "",
+        (f"Perplexity of the merged integer model on {s['eval_tokens']} held-out tokens ({s['data']}, windows of "
+        f"{s['context']}). Float: {s['ppl_float']:.3f}. G = (ppl_rtn − ppl) / (ppl_rtn − ppl_float)."),
+        "",
+        "| method | ppl | ppl (training-time) | G | train s | train tokens | peak memory MB | trainable params |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, m in s["methods"].items():
+        gap = "n/a" if m["gap_recovered"] is None else f"{m['gap_recovered']:.3f}"
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {m['ppl']:.3f} | {m['ppl_training_time']:.3f} | {gap} | "
+            f"{m['train_seconds']:.0f} | {m['train_tokens']} | {m['peak_memory_mb']:.0f} | {m['trainable_params']:,} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(s: dict[str, Any], out: Path, path: Path) -> None:
+    """Perplexity and peak memory per method, and the training-loss curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(s["methods"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    axes[0].bar(names, [s["methods"][m]["ppl"] for m in names], color="tab:blue")
+    axes[0].axhline(s["ppl_float"], color="black", linestyle="--", label="float")
+    axes[0].set_title("perplexity (merged)")
+    axes[0].legend()
+    axes[1].bar(names, [s["methods"][m]["peak_memory_mb"] for m in names], color="tab:orange")
+    axes[1].set_title("peak memory (MB)")
+    for method in names:
+        metrics = out / method / "metrics.jsonl"
+        if metrics.exists():
+            records = [json.loads(line) for line in metrics.read_text().splitlines()]
+            axes[2].plot([r["step"] for r in records], [r["loss"] for r in records], label=method)
+    axes[2].set_title("training loss")
+    axes[2].set_xlabel("step")
+    if axes[2].lines:
+        axes[2].legend()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

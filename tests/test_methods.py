@@ -1,0 +1,125 @@
+import copy
+
+import pytest
+import torch
+
+from lrqat.layers import LRQATLinear, NaiveLoRALinear, QATLinear, QuantLinear
+from lrqat.methods import apply_method, gptq_start
+from lrqat.ptq import collect_hessians, gptq_quantize, lp_search_params
+from lrqat.quantizer import dequantize, quantize
+from lrqat.spec import LRQATSpec, QuantSpec
+from lrqat.surgery import find_targets, init_ranges, merge_model
+
+SPEC = QuantSpec(bits=4, group_size=16, init="minmax")
+LR = LRQATSpec(rank=4)
+# which parameter names each method trains (last component of the name)
+TRAINS = {"rtn": set(), "gptq": set(), "peqa": {"s"}, "naive-lora": {"A", "B"}, "qat": {"weight", "s"},
+          "lrqat": {"A", "B", "s"}}
+LAYER = {"rtn": QuantLinear, "gptq": QuantLinear, "peqa": LRQATLinear, "naive-lora": NaiveLoRALinear,
+         "qat": QATLinear, "lrqat": LRQATLinear}
+
+
+def prepared(model, method):
+    ranges = init_ranges(model, SPEC, LR.targets)
+    integers = None
+    if method == "gptq":
+        integers = gptq_start(model, SPEC, LR.targets, ranges, torch.randint(0, 128, (4, 32)))
+    return apply_method(method, model, SPEC, LR, ranges, integers=integers)
+
+
+def train_steps(model, steps=4):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.02)
+    for _ in range(steps):
+        ids = torch.randint(0, 128, (2, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("method", list(TRAINS))
+def test_each_method_trains_exactly_its_tensors(tiny_model, method):
+    model = prepared(tiny_model, method)
+    assert all(isinstance(m, LAYER[method]) for _, m in find_targets_any(model))
+    for layer in model.modules():
+        if isinstance(layer, (LRQATLinear, NaiveLoRALinear)) and layer.A.requires_grad:
+            layer.A.data.normal_(std=0.1)  # so B's gradient is not zero at the start
+    ids = torch.randint(0, 128, (2, 16))
+    loss = model(input_ids=ids, labels=ids).loss
+    if TRAINS[method]:
+        loss.backward()
+    expected = {f"{target}.{p}" for target, _ in find_targets_any(model) for p in TRAINS[method]}
+    for name, p in model.named_parameters():
+        if name in expected:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    assert expected <= {n for n, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "peqa", "qat", "lrqat"])
+def test_merged_model_computes_what_training_computed(tiny_model, method):
+    model = prepared(tiny_model, method)
+    if TRAINS[method]:
+        train_steps(model)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        merge_model(model)
+        assert all(isinstance(m, QuantLinear) for _, m in find_targets_any(model))
+        assert torch.equal(model(input_ids=ids).logits, trained)
+
+
+def test_naive_lora_merge_loses_what_the_adapter_learned(tiny_model):
+    """The float adapter is rounded away at merge: the deployed model differs from training."""
+    model = prepared(tiny_model, "naive-lora")
+    train_steps(model, steps=8)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        merge_model(model)
+        assert not torch.equal(model(input_ids=ids).logits, trained)
+
+
+def test_peqa_keeps_the_rtn_integers(tiny_model):
+    rtn = prepared(copy.deepcopy(tiny_model), "rtn")
+    peqa = prepared(tiny_model, "peqa")
+    train_steps(peqa)
+    merge_model(peqa)
+    for (_, a), (_, b) in zip(find_targets_any(rtn), find_targets_any(peqa)):
+        assert torch.equal(a.qweight, b.qweight)
+        assert not torch.equal(a.scales, b.scales)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=3, symmetric=False, group_size=32)], ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_reconstructs_a_layer_better_than_rtn(spec, act_order):
+    torch.manual_seed(0)
+    W = torch.randn(48, 128)
+    X = torch.randn(128, 1024) * torch.linspace(0.1, 3.0, 128).unsqueeze(1)
+    X = X + 0.7 * X.roll(1, dims=0)  # correlated input features, as in real activations
+    s, z = lp_search_params(W, spec)
+    q_gptq = gptq_quantize(W, X @ X.T, s, z, spec, act_order=act_order)
+    assert torch.equal(q_gptq, q_gptq.round()) and q_gptq.min() >= spec.qmin and q_gptq.max() <= spec.qmax
+
+    def error(q):
+        return ((W - dequantize(q, s, z)) @ X).pow(2).sum()
+
+    assert error(q_gptq) < 0.9 * error(quantize(W, s, z, spec))
+
+
+def test_hessians_are_collected_from_the_layer_inputs(tiny_model):
+    targets = find_targets(tiny_model, LR.targets)[:1]
+    calib = torch.randint(0, 128, (3, 8))
+    seen = []
+    handle = targets[0][1].register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    H = collect_hessians(tiny_model, targets, calib, batch_size=2)[targets[0][0]]
+    handle.remove()
+    X = torch.cat(seen)
+    torch.testing.assert_close(H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def find_targets_any(model):
+    """The target slots whatever layer type now fills them."""
+    return [(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"))]
