@@ -8,6 +8,8 @@ global batch read the same blocks as one.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import resource
@@ -62,10 +64,26 @@ def step_indices(step: int, n_blocks: int, global_batch: int, seed: int) -> torc
     return perm[positions]
 
 
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window, so training is measured without the loading and
+    baseline evaluations before it (Linux: writing 5 to clear_refs resets VmHWM)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process (CPU) or peak allocated GPU memory."""
+    """Peak resident memory of this process since the last reset (CPU), or peak
+    allocated GPU memory."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -199,6 +217,7 @@ class Trainer:
 
     def run(self) -> TrainResult:
         spec = self.spec
+        reset_peak_memory()
         tokens_per_step = self.global_batch() * self.train_blocks.shape[1]
         bar = tqdm(
             total=spec.steps, initial=self.step, desc="LR-QAT", unit="step",

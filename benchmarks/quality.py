@@ -1,0 +1,88 @@
+"""Quality benchmark: every method on the built-in model and corpus, three settings.
+
+Runs `lrqat compare` for W4 per-channel symmetric, W4 g128 asymmetric and W3 g128
+asymmetric with one token budget for all trained methods, prints a table, and writes
+`benchmarks/results/quality.json` and `quality.md` (the run folders go under
+`runs/quality/`, so an interrupted benchmark resumes where it stopped).
+
+    .venv/bin/python benchmarks/quality.py                # the recorded budget
+    .venv/bin/python benchmarks/quality.py --steps 5      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from lrqat.compare import render_compare, run_compare
+from lrqat.report import METHOD_NAMES
+from lrqat.spec import METHODS, DataSpec, QuantSpec, RunSpec, TrainSpec
+
+SETTINGS = {
+    "w4-channel-sym": QuantSpec(bits=4, symmetric=True, group_size=None),
+    "w4-g128-asym": QuantSpec(bits=4, symmetric=False, group_size=128),
+    "w3-g128-asym": QuantSpec(bits=3, symmetric=False, group_size=128),
+}
+TARGETS = {"w4-channel-sym": 0.90, "w3-g128-asym": 0.85}
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every trained method")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--output", default="runs/quality")
+    args = parser.parse_args()
+
+    started = time.time()
+    summaries = {}
+    for name in args.settings.split(","):
+        spec = RunSpec(
+            output=f"{args.output}/{name}",
+            quant=SETTINGS[name],
+            train=TrainSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, save_every=5),
+            data=DataSpec(eval_tokens=args.eval_tokens),
+        )
+        summaries[name] = run_compare(spec, args.methods.split(","))
+    command = " ".join(["python benchmarks/quality.py", *[
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output",)]])
+    record = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+              "minutes": round((time.time() - started) / 60, 1), "settings": summaries}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / "quality.md").write_text(render(record))
+    print(render(record))
+
+
+def render(record: dict) -> str:
+    lines = ["# Quality benchmark", "", f"Command: `{record['command']}` ({record['minutes']} min on 2 CPU cores).", ""]
+    for name, summary in record["settings"].items():
+        lines += [render_compare(summary).replace("# Method comparison", f"## {name}:"), _verdict(name, summary), ""]
+    return "\n".join(lines)
+
+
+def _verdict(name: str, s: dict) -> str:
+    m = s["methods"]
+    checks = []
+    if "lrqat" in m:
+        g = m["lrqat"]["gap_recovered"]
+        if name in TARGETS:
+            checks.append(f"LR-QAT G = {g:.3f} (target ≥ {TARGETS[name]:.2f}: {'met' if g >= TARGETS[name] else 'missed'})")
+        for other in ("gptq", "qat"):
+            if other in m:
+                checks.append(f"LR-QAT vs {METHOD_NAMES[other]}: ppl {m['lrqat']['ppl']:.3f} vs {m[other]['ppl']:.3f}")
+        if "qat" in m:
+            ratio = m["lrqat"]["peak_memory_mb"] / m["qat"]["peak_memory_mb"]
+            checks.append(f"peak memory LR-QAT / full QAT = {ratio:.2f}")
+    return "; ".join(checks) + "."
+
+
+if __name__ == "__main__":
+    main()
