@@ -39,11 +39,18 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--output", default="runs/quality")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only collect the settings whose comparison already finished into the results files")
     args = parser.parse_args()
 
     started = time.time()
     summaries = {}
     for name in args.settings.split(","):
+        if args.report_only:
+            done = Path(args.output) / name / "compare.json"
+            if done.exists():
+                summaries[name] = json.loads(done.read_text())
+            continue
         spec = RunSpec(
             output=f"{args.output}/{name}",
             quant=SETTINGS[name],
@@ -52,9 +59,10 @@ def main() -> None:
         )
         summaries[name] = run_compare(spec, args.methods.split(","))
     command = " ".join(["python benchmarks/quality.py", *[
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output",)]])
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output", "report_only")]])
     record = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
-              "minutes": round((time.time() - started) / 60, 1), "settings": summaries}
+              "minutes": None if args.report_only else round((time.time() - started) / 60, 1),
+              "settings": summaries}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "quality.md").write_text(render(record))
@@ -62,7 +70,8 @@ def main() -> None:
 
 
 def render(record: dict) -> str:
-    lines = ["# Quality benchmark", "", f"Command: `{record['command']}` ({record['minutes']} min on 2 CPU cores).", ""]
+    took = f"{record['minutes']} min" if record["minutes"] is not None else "time: see the run folders"
+    lines = ["# Quality benchmark", "", f"Command: `{record['command']}` ({took}, 2 CPU cores).", ""]
     for name, summary in record["settings"].items():
         lines += [render_compare(summary).replace("# Method comparison", f"## {name}:"), _verdict(name, summary), ""]
     return "\n".join(lines)

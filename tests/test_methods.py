@@ -123,3 +123,17 @@ def find_targets_any(model):
     """The target slots whatever layer type now fills them."""
     return [(n, m) for n, m in model.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj",
                                                                     "gate_proj", "up_proj", "down_proj"))]
+
+
+@pytest.mark.parametrize("phi", ["fixed8", "int"])
+def test_lrqat_from_gptq_starts_exactly_at_the_gptq_model(tiny_model, phi):
+    """--init gptq: Φ0 = GPTQ's integers, s0 = its scales, so step 0 is the GPTQ model."""
+    ranges = init_ranges(tiny_model, SPEC, LR.targets)
+    integers = gptq_start(tiny_model, SPEC, LR.targets, ranges, torch.randint(0, 128, (4, 32)))
+    gptq_model = apply_method("gptq", copy.deepcopy(tiny_model), SPEC, LR, ranges, integers=integers)
+    lrqat_model = apply_method("lrqat", tiny_model, SPEC, LRQATSpec(rank=4, phi=phi), ranges, integers=integers)
+    for (name, a), (_, b) in zip(find_targets_any(gptq_model), find_targets_any(lrqat_model)):
+        assert torch.equal(a.int_weight(), b.int_weight()), name
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(gptq_model(input_ids=ids).logits, lrqat_model(input_ids=ids).logits)

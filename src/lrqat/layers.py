@@ -54,6 +54,16 @@ class _RecomputedWeightLinear(torch.autograd.Function):
         return (grad_x, None, None, *grads)
 
 
+def lowrank_factors(
+    out_features: int, in_features: int, rank: int, generator: torch.Generator | None
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """`A = 0` `(out, r)` and `B ~ U(±1/√in)` `(r, in)`: the product starts at zero, so
+    step 0 is exactly the model the adapter was added to."""
+    bound = 1.0 / math.sqrt(in_features)
+    B = torch.rand(rank, in_features, generator=generator) * 2 * bound - bound
+    return nn.Parameter(torch.zeros(out_features, rank)), nn.Parameter(B)
+
+
 class QuantLinear(nn.Module):
     """An integer linear layer: `y = x · (s ⊙ (q − z))ᵀ + bias`, dequantized on the fly.
 
@@ -145,10 +155,7 @@ class LRQATLinear(nn.Module):
         self.register_buffer("phi", downcast(grid_weight, lrqat.phi, spec))
         self.register_buffer("zeros", None if zeros is None else zeros.float().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        bound = 1.0 / math.sqrt(self.in_features)
-        b_init = torch.rand(self.rank, self.in_features, generator=generator) * 2 * bound - bound
-        self.A = nn.Parameter(torch.zeros(self.out_features, self.rank))
-        self.B = nn.Parameter(b_init)
+        self.A, self.B = lowrank_factors(self.out_features, self.in_features, self.rank, generator)
         self.s = nn.Parameter(scales.float().clone())
 
     def base(self) -> torch.Tensor:
@@ -249,9 +256,7 @@ class NaiveLoRALinear(nn.Module):
         rtn = QuantLinear.from_linear(linear, spec, scales, zeros)
         self.register_buffer("base_weight", rtn.weight())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.A = nn.Parameter(torch.zeros(self.out_features, lrqat.rank))
-        self.B = nn.Parameter(torch.rand(lrqat.rank, self.in_features, generator=generator) * 2 * bound - bound)
+        self.A, self.B = lowrank_factors(self.out_features, self.in_features, lrqat.rank, generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(x, self.B.to(x.dtype)), self.A.to(x.dtype)) * self.scaling
