@@ -123,7 +123,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         merge_model(model)
     else:
         result = TrainResult(steps=0, tokens=0, seconds=0.0, peak_rss_mb=round(peak_memory_mb(), 1))
-    ppl_merged = evaluate(f"{spec.method} merged", model)
+    # RTN's integer model is the baseline already evaluated; every other model is new.
+    ppl_merged = ppl_rtn if spec.method == "rtn" else evaluate(f"{spec.method} merged", model)
     if spec.method not in TRAINED:
         ppl_trained = ppl_merged
     save_quantized(model, tokenizer, out / "model", quant)
