@@ -1,7 +1,7 @@
-"""Post-training range setting: the initial scales s0 (and zero points) of LR-QAT.
+"""Post-training quantization: the starting point of LR-QAT and the PTQ baselines.
 
-Only the weight is needed (no data). GPTQ, which also chooses the integers, will live
-here too.
+Range setting (min-max, Lp search) needs only the weight and gives the scales s0 (and
+zero points). GPTQ also uses calibration data and chooses the integers on that grid.
 """
 
 from __future__ import annotations
