@@ -20,7 +20,7 @@ from torch import nn
 
 from lrqat.downcast import downcast, upcast
 from lrqat.ptq import init_params
-from lrqat.quantizer import dequantize, fake_quant, pack_ints, round_ste, to_grid, unpack_ints
+from lrqat.quantizer import dequantize, fake_quant, pack_ints, quantize, round_ste, to_grid, unpack_ints
 from lrqat.spec import LRQATSpec, QuantSpec
 
 
@@ -105,7 +105,7 @@ class QuantLinear(nn.Module):
         if scales is None:
             scales, zeros = init_params(w, spec)
         if q is None:
-            q = torch.round(to_grid(w, scales, zeros, spec))
+            q = quantize(w, scales, zeros, spec)
         return cls(spec, q, scales, zeros, linear.bias)
 
     def int_weight(self) -> torch.Tensor:
@@ -222,7 +222,7 @@ class QATLinear(nn.Module):
 
     def int_weight(self) -> torch.Tensor:
         with torch.no_grad():
-            return torch.round(to_grid(self.weight, self.s, self.zeros, self.spec))
+            return quantize(self.weight, self.s, self.zeros, self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, fake_quant(self.weight, self.s, self.zeros, self.spec).to(x.dtype), self.bias)

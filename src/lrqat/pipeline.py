@@ -121,11 +121,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         result = train(model, data.train, data.eval, spec.train, out, fingerprint(spec), resume=resume)
         ppl_trained = evaluate(f"{spec.method} (training-time)", model)
         merge_model(model)
+        ppl_merged = evaluate(f"{spec.method} merged", model)
     else:
         result = TrainResult(steps=0, tokens=0, seconds=0.0, peak_rss_mb=round(peak_memory_mb(), 1))
-    # RTN's integer model is the baseline already evaluated; every other model is new.
-    ppl_merged = ppl_rtn if spec.method == "rtn" else evaluate(f"{spec.method} merged", model)
-    if spec.method not in TRAINED:
+        # RTN's integer model is the baseline already evaluated; GPTQ's is new.
+        ppl_merged = ppl_rtn if spec.method == "rtn" else evaluate(f"{spec.method} merged", model)
         ppl_trained = ppl_merged
     save_quantized(model, tokenizer, out / "model", quant)
 

@@ -77,7 +77,7 @@ def trainable_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     gets its own learning rate. Every trainable layer type reports its own."""
     groups: dict[str, list[nn.Parameter]] = {"main": [], "scales": []}
     for module in model.modules():
-        if hasattr(module, "param_groups") and not isinstance(module, torch.optim.Optimizer):
+        if hasattr(module, "param_groups"):
             for role, params in module.param_groups().items():
                 groups[role] += params
     return groups
