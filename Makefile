@@ -23,7 +23,13 @@ demo: setup
 lint: $(BIN)/lrqat
 	$(BIN)/ruff check src tests benchmarks
 
-test: setup lint
+# llama.cpp (through llama-cpp-python) is compiled from source: minutes on 2 cores,
+# so only the test target pays for it; pip's wheel cache keeps later builds instant.
+$(VENV)/.llamacpp: $(BIN)/lrqat
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e ".[llamacpp]"
+	touch $@
+
+test: setup lint $(VENV)/.llamacpp
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from lrqat.errors import LrqatError
+from lrqat.export.formats import FORMATS as EXPORT_FORMATS
 from lrqat.spec import METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
 
 # flag name → (section, field) of RunSpec
@@ -60,12 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=METHODS, help="quantization method (default lrqat)")
     add_run_flags(q)
     q.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
+    q.add_argument("--export", default="", help=f"comma-separated export formats to write after the run ({', '.join(EXPORT_FORMATS)})")
 
     c = sub.add_parser("compare", help="run several methods on equal terms; write compare.json/.md/.png")
     c.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     add_run_flags(c)
 
     sub.add_parser("setup", help="fetch the built-in corpus and convert the built-in model into the cache")
+
+    e = sub.add_parser("export", help="write a merged model as compressed-tensors, GGUF or dequantized float")
+    e.add_argument("run", type=Path, help="run folder of `lrqat quantize` (or its model/ folder)")
+    e.add_argument("--format", required=True, help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
+    e.add_argument("--output", type=Path, help="destination (default RUN/export/FORMAT); a .gguf path for gguf")
+
+    g = sub.add_parser("generate", help="generate text with a merged integer model")
+    g.add_argument("run", type=Path, help="run folder of `lrqat quantize` (or its model/ folder)")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    g.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -156,6 +171,25 @@ def parse_granularity(granularity: str | None, group_size: int | None) -> int | 
     raise LrqatError(f"unknown granularity {granularity!r}: use 'channel', 'group' (with --group-size N) or 'gN'.")
 
 
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise LrqatError(f"unknown export format {', '.join(unknown) or text!r}: choose from {', '.join(EXPORT_FORMATS)}.")
+    return formats
+
+
+def run_exports(run: Path, formats: list[str], output: Path | None) -> int:
+    from lrqat.export.formats import export
+
+    if output is not None and len(formats) > 1:
+        raise LrqatError("--output names one destination: export one format at a time, or leave --output out.")
+    for fmt in formats:
+        report = export(run, fmt, output)
+        print(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -164,7 +198,19 @@ def main(argv: list[str] | None = None) -> int:
 
             setup()
             return 0
+        if args.command == "export":
+            return run_exports(args.run, parse_formats(args.format), args.output)
+        if args.command == "generate":
+            from lrqat.generate import generate
+
+            print(generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.chat, args.seed))
+            return 0
         spec = spec_from_args(args)
+        formats = parse_formats(args.export) if args.command == "quantize" and args.export else []
+        if "gguf" in formats:
+            from lrqat.export.gguf_llama import block_type_for
+
+            block_type_for(spec.quant)  # refuse before hours of training, not after
         if args.command == "compare":
             from lrqat.compare import parse_methods, run_compare
 
@@ -178,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
 
         results = run_quantize(spec, resume=args.resume)
         print(json.dumps({"ppl": results["ppl"], "gap_recovered": results["gap_recovered"]}, indent=2))
-        return 0
+        return run_exports(Path(spec.output), formats, None) if formats else 0
     except LrqatError as err:
         print(f"lrqat: error: {err}", file=sys.stderr)
         return 2

@@ -20,31 +20,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
+from lrqat.export.tensors import quant_layers, unique_tensors
 from lrqat.layers import QuantLinear
 from lrqat.spec import QuantSpec
 from lrqat.surgery import replace_module
 
 FORMAT = "lrqat-int"
 FORMAT_VERSION = 1
-
-
-def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-
-
-def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop later names of shared storage (tied head = embeddings), keeping the first."""
-    seen: set[int] = set()
-    out = {}
-    for name, tensor in state.items():
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor.contiguous()
-    return out
 
 
 def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec) -> Path:
@@ -78,7 +64,10 @@ def load_quantized(folder: Path) -> nn.Module:
         raise LrqatError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
     spec = QuantSpec(**meta["quant"])
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Uninitialised float weights are never touched (so never resident): the quantized
+    # layers replace them and everything else is assigned from the file.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     try:
         state = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError) as err:
@@ -90,7 +79,7 @@ def load_quantized(folder: Path) -> nn.Module:
         zeros = torch.zeros(out_f, groups) if f"{name}.zeros" in state else None
         shell = QuantLinear(spec, torch.zeros(out_f, in_f), torch.ones(out_f, groups), zeros, linear.bias)
         replace_module(model, name, shell)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise LrqatError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}.")

@@ -1,0 +1,43 @@
+"""Tensor helpers shared by every export format."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lrqat.layers import QuantLinear
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of shared storage (tied head = embeddings), keeping the first."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor.contiguous()
+    return out
+
+
+def exact_in(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `tensor` survives a round trip through `dtype` bit for bit."""
+    return bool(torch.equal(tensor.to(dtype).to(tensor.dtype), tensor))
+
+
+def compact_float(tensor: torch.Tensor) -> torch.Tensor:
+    """The smallest float dtype (fp16, bf16, else unchanged) that holds `tensor` exactly.
+
+    Unquantized tensors (embeddings, norms) often came from a 16-bit checkpoint: storing
+    them in 16 bits halves their size and loses nothing; anything else stays as it is.
+    """
+    if not tensor.is_floating_point() or tensor.element_size() <= 2:
+        return tensor
+    for dtype in (torch.float16, torch.bfloat16):
+        if exact_in(tensor, dtype):
+            return tensor.to(dtype)
+    return tensor
