@@ -128,3 +128,32 @@ def test_compare_runs_every_method_on_equal_terms(tmp_path, tiny_model_dir, text
 
 def test_compare_refuses_unknown_methods(tmp_path):
     assert_clean_error(run_cli("compare", "--methods", "rtn,magic", "--output", str(tmp_path)), "magic")
+
+
+def test_quantize_exports_and_generates(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "run"
+    proc = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--steps", "2",
+                   "--batch-size", "2", "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128", "--rank", "4",
+                   "--bits", "4", "--granularity", "channel", "--output", str(out), "--export", "gguf,compressed-tensors")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "export" / "gguf" / "model.gguf").is_file()
+    assert (out / "export" / "compressed-tensors" / "config.json").is_file()
+
+    dequantized = run_cli("export", str(out), "--format", "hf-dequantized", "--output", str(tmp_path / "float"))
+    assert dequantized.returncode == 0, dequantized.stderr
+    report = json.loads(dequantized.stdout[dequantized.stdout.index("{"):])
+    assert report["format"] == "hf-dequantized" and (tmp_path / "float" / "model.safetensors").is_file()
+
+    generated = run_cli("generate", str(out), "--prompt", "The jury said", "--max-new-tokens", "5")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.strip()
+
+
+def test_export_refusals_are_clear(tmp_path, tiny_model_dir, text_file):
+    out = tmp_path / "run"
+    refused = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "3",
+                      "--output", str(out), "--export", "gguf")
+    assert_clean_error(refused, "no lossless GGUF block type", "compressed-tensors")
+    assert not out.exists()  # refused before any work
+    assert_clean_error(run_cli("export", str(tmp_path), "--format", "gguf"), "quantization.json")
+    assert_clean_error(run_cli("export", str(tmp_path), "--format", "onnx"), "unknown export format")

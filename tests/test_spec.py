@@ -14,8 +14,8 @@ def parse(*argv):
 
 
 def test_recipe_sets_the_spec_and_flags_override_it():
-    spec = parse("--recipe", str(RECIPES / "w3-g128-asym.yaml"), "--steps", "5", "--rank", "8")
-    assert (spec.quant.bits, spec.quant.symmetric, spec.quant.group_size) == (3, False, 128)
+    spec = parse("--recipe", str(RECIPES / "w3-g64-asym.yaml"), "--steps", "5", "--rank", "8")
+    assert (spec.quant.bits, spec.quant.symmetric, spec.quant.group_size) == (3, False, 64)
     assert spec.train.steps == 5 and spec.lrqat.rank == 8
 
 

@@ -13,13 +13,14 @@ import yaml
 
 from lrqat.errors import LrqatError
 from lrqat.export.formats import FORMATS as EXPORT_FORMATS
-from lrqat.spec import METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
+from lrqat.spec import DTYPES, METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
 
 # flag name → (section, field) of RunSpec
 _FLAG_FIELDS = {
     "model": (None, "model"),
     "output": (None, "output"),
     "method": (None, "method"),
+    "dtype": (None, "dtype"),
     "calib_tokens": ("data", "calib_tokens"),
     "damp": ("quant", "damp"),
     "data": ("data", "source"),
@@ -88,6 +89,7 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     """The settings shared by `quantize` and `compare`."""
     q.add_argument("--recipe", type=Path, help="YAML file with any of the settings below (flags override it)")
     q.add_argument("--model", help="built-in name (smollm2-135m), HF model folder, or hub id")
+    q.add_argument("--dtype", choices=DTYPES, help="compute dtype: fp32 (default) or bf16 (frozen tensors and activations in bfloat16, trainable tensors fp32)")
     q.add_argument("--data", help="'brown' (built-in), a .txt/.jsonl file, or a folder of them")
     q.add_argument("--output", "-o", help="run folder (default runs/default)")
     q.add_argument("--bits", type=int, help="weight bits, 2-8 (default 4)")

@@ -234,7 +234,34 @@ class QATLinear(nn.Module):
         return _trainable({"main": [self.weight], "scales": [self.s]})
 
 
-class NaiveLoRALinear(nn.Module):
+class LoRALinear(nn.Module):
+    """Plain LoRA: a frozen base weight (kept in the layer's own dtype, e.g. bf16) beside
+    a trainable low-rank update, `y = x·W0ᵀ + (α/r)·x·(A·B)ᵀ`. No quantization: the
+    reference point for memory and speed (what LR-QAT costs over ordinary LoRA)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        lrqat: LRQATSpec,
+        generator: torch.Generator | None = None,
+        base_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        self.scaling = lrqat.alpha / lrqat.rank
+        self.register_buffer("base_weight", linear.weight.detach() if base_weight is None else base_weight)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.A, self.B = lowrank_factors(self.out_features, self.in_features, lrqat.rank, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = F.linear(F.linear(x, self.B.to(x.dtype)), self.A.to(x.dtype)) * self.scaling
+        return F.linear(x, self.base_weight.to(x.dtype), self.bias) + update
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return _trainable({"main": [self.A, self.B]})
+
+
+class NaiveLoRALinear(LoRALinear):
     """The baseline LR-QAT improves on: a float LoRA beside a fake-quantized frozen base,
     `y = x·Ŵ0ᵀ + (α/r)·x·(A·B)ᵀ`. Merging must add `A·B` to the weight and quantize
     again, which rounds away most of what the adapter learned: the merged model does not
@@ -249,18 +276,8 @@ class NaiveLoRALinear(nn.Module):
         zeros: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(linear, lrqat, generator, base_weight=QuantLinear.from_linear(linear, spec, scales, zeros).weight())
         self.spec = spec
-        self.out_features, self.in_features = linear.weight.shape
-        self.scaling = lrqat.alpha / lrqat.rank
-        rtn = QuantLinear.from_linear(linear, spec, scales, zeros)
-        self.register_buffer("base_weight", rtn.weight())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.A, self.B = lowrank_factors(self.out_features, self.in_features, lrqat.rank, generator)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(x, self.B.to(x.dtype)), self.A.to(x.dtype)) * self.scaling
-        return F.linear(x, self.base_weight.to(x.dtype), self.bias) + update
 
     def merge(self) -> QuantLinear:
         """Fold the adapter into the float weight, then RTN with fresh ranges."""
@@ -270,6 +287,3 @@ class NaiveLoRALinear(nn.Module):
             if self.bias is not None:
                 merged.bias.copy_(self.bias)
         return QuantLinear.from_linear(merged, self.spec)
-
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return _trainable({"main": [self.A, self.B]})

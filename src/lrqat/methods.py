@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lrqat.layers import LRQATLinear, NaiveLoRALinear, QATLinear, QuantLinear
+from lrqat.layers import LoRALinear, LRQATLinear, NaiveLoRALinear, QATLinear, QuantLinear
 from lrqat.ptq import gptq_integers
 from lrqat.spec import LRQATSpec, QuantSpec
-from lrqat.surgery import RangeParams, check_targets, freeze, init_ranges, replace_module
+from lrqat.surgery import RangeParams, check_targets, find_targets, freeze, init_ranges, replace_module
 
 TRAINED = ("peqa", "naive-lora", "qat", "lrqat")
 
@@ -84,6 +84,16 @@ def apply_lrqat(
     """
     ranges = ranges if ranges is not None else init_ranges(model, quant, lrqat.targets)
     return apply_method("lrqat", model, quant, lrqat, ranges, seed, integers)
+
+
+def apply_lora(model: nn.Module, lrqat: LRQATSpec, seed: int = 0) -> nn.Module:
+    """Plain LoRA on the targets, no quantization: the reference for memory and speed."""
+    targets = find_targets(model, lrqat.targets)
+    freeze(model)
+    generator = torch.Generator().manual_seed(seed)
+    for name, linear in targets:
+        replace_module(model, name, LoRALinear(linear, lrqat, generator))
+    return model
 
 
 def apply_rtn(model: nn.Module, quant: QuantSpec, pattern: str, ranges: RangeParams | None = None) -> nn.Module:

@@ -75,7 +75,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     spec.validate()
     check_source(spec.data.source)
     log(f"loading model {spec.model}")
-    model, tokenizer = load_model(spec.model)
+    model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
     check_targets(model, spec.quant, spec.lrqat.targets)
     out = prepare_output(spec, resume)
     stages = Stages(out / STAGES_NAME)

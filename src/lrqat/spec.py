@@ -168,6 +168,9 @@ class DataSpec:
             )
 
 
+DTYPES = ("fp32", "bf16")
+
+
 @dataclass
 class RunSpec:
     """One `lrqat quantize` run: everything needed to reproduce it."""
@@ -179,8 +182,13 @@ class RunSpec:
     lrqat: LRQATSpec = field(default_factory=LRQATSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     data: DataSpec = field(default_factory=DataSpec)
+    # compute dtype of the model: "bf16" keeps frozen float tensors (embeddings, norms,
+    # head) and activations in bfloat16; trainable A, B, s (and QAT's weights) stay fp32
+    dtype: str = "fp32"
 
     def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise LrqatError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if self.method not in METHODS:
             raise LrqatError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
         lr, lr_scales = METHOD_LRS.get(self.method, (0.0, 0.0))
@@ -202,10 +210,10 @@ class RunSpec:
         for key, value in raw.items():
             if key in sections:
                 kwargs[key] = _build(sections[key], value or {}, key)
-            elif key in ("model", "output", "method"):
+            elif key in ("model", "output", "method", "dtype"):
                 kwargs[key] = value
             else:
-                raise LrqatError(f"unknown recipe key {key!r}: expected one of model, output, method, {', '.join(sections)}.")
+                raise LrqatError(f"unknown recipe key {key!r}: expected one of model, output, method, dtype, {', '.join(sections)}.")
         return cls(**kwargs)
 
 

@@ -1,0 +1,53 @@
+"""What a training step holds, tensor by tensor: the accounting behind the memory claims.
+
+LR-QAT's promise is that the frozen weight costs 1 byte (`fixed8`) or half a byte (`int`)
+per weight and only the small `A`, `B`, `s` carry gradients and AdamW state; full QAT
+pays fp32 weight + gradient + two moments (16 bytes per weight). This module adds up the
+static part of that bill from the model itself, so the benchmark can set it beside the
+measured peak (the rest is activations and transient buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from lrqat.layers import LRQATLinear
+
+
+@dataclass
+class MemoryBill:
+    """Bytes by role. `adam_state` assumes AdamW's two fp32 moments per trainable value."""
+
+    frozen_quantized_base: int  # Φ0 in its φ format (+ zero points)
+    frozen_other: int  # embeddings, norms, head, frozen float bases
+    trainable: int
+    gradients: int
+    adam_state: int
+
+    @property
+    def total(self) -> int:
+        return sum(asdict(self).values())
+
+    def as_mb(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in {**asdict(self), "total": self.total}.items()}
+
+
+def memory_bill(model: nn.Module) -> MemoryBill:
+    seen: set[int] = set()
+    quantized_base = other = trainable = 0
+    lrqat_buffers = {id(b) for m in model.modules() if isinstance(m, LRQATLinear) for b in (m.phi, m.zeros) if b is not None}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        size = tensor.numel() * tensor.element_size()
+        if tensor.requires_grad:
+            trainable += size
+        elif id(tensor) in lrqat_buffers:
+            quantized_base += size
+        else:
+            other += size
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return MemoryBill(quantized_base, other, trainable, trainable, 8 * n_trainable)
