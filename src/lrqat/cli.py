@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         from lrqat.pipeline import run_quantize
 
         results = run_quantize(spec, resume=args.resume)
+        from lrqat.train import process_state
+
+        if not process_state().is_main_process:  # one process of `accelerate launch` reports and exports
+            return 0
         print(json.dumps({"ppl": results["ppl"], "gap_recovered": results["gap_recovered"]}, indent=2))
         return run_exports(Path(spec.output), formats, None) if formats else 0
     except LrqatError as err:

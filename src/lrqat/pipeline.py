@@ -27,9 +27,13 @@ from lrqat.models import load_model
 from lrqat.report import write_results
 from lrqat.spec import RunSpec
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
-from lrqat.train import TrainResult, peak_memory_mb, train
+from lrqat.train import TrainResult, peak_memory_mb, process_state, train
 
 STAGES_NAME = "stages.json"
+
+
+def _quiet(_: str) -> None:
+    """The log of a non-main process: one process speaks for all."""
 
 
 def fingerprint(spec: RunSpec) -> dict[str, Any]:
@@ -39,7 +43,9 @@ def fingerprint(spec: RunSpec) -> dict[str, Any]:
     return raw
 
 
-def prepare_output(spec: RunSpec, resume: bool) -> Path:
+def check_output(spec: RunSpec, resume: bool) -> Path:
+    """Refuse to overwrite another run, or to resume one with other settings (read-only,
+    so every process of a distributed run can check before any of them writes)."""
     out = Path(spec.output)
     has_run = (out / CHECKPOINT_NAME).exists() or (out / STAGES_NAME).exists()
     if has_run and not resume:
@@ -50,22 +56,29 @@ def prepare_output(spec: RunSpec, resume: bool) -> Path:
         saved.pop("output", None)
         if saved != json.loads(json.dumps(fingerprint(spec))):
             raise LrqatError(f"{out} holds a run with other settings ({run_file}): resume with the same settings.")
+    return out
+
+
+def prepare_output(spec: RunSpec, resume: bool) -> Path:
+    out = check_output(spec, resume)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps(spec.to_dict(), indent=2))
+    atomic_write_text(out / "run.json", json.dumps(spec.to_dict(), indent=2))
     return out
 
 
 class Stages:
     """Results of finished stages, persisted so a resumed run does not redo them."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer: bool = True) -> None:
         self.path = path
+        self.writer = writer  # in a distributed run only the main process writes
         self.values: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
 
     def get(self, name: str, compute: Callable[[], Any]) -> Any:
         if name not in self.values:
             self.values[name] = compute()
-            atomic_write_text(self.path, json.dumps(self.values, indent=2))
+            if self.writer:
+                atomic_write_text(self.path, json.dumps(self.values, indent=2))
         return self.values[name]
 
 
@@ -74,19 +87,32 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     written to the output folder."""
     spec.validate()
     check_source(spec.data.source)
+    # Under `accelerate launch`/torchrun every process runs this function: all of them
+    # compute (evaluations are repeated, cheap next to training), only the main one
+    # writes, and the main one fills the caches first.
+    procs = process_state()
+    main = procs.is_main_process
+    if not main:
+        log = _quiet
     log(f"loading model {spec.model}")
-    model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
+    with procs.main_process_first():
+        model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
     check_targets(model, spec.quant, spec.lrqat.targets)
-    out = prepare_output(spec, resume)
-    stages = Stages(out / STAGES_NAME)
+    out = check_output(spec, resume)
+    procs.wait_for_everyone()
+    if main:
+        prepare_output(spec, resume)
+    procs.wait_for_everyone()
+    stages = Stages(out / STAGES_NAME, writer=main)
     torch.manual_seed(spec.train.seed)
     log(f"loading data {spec.data.source}")
-    data = prepare_data(
-        tokenizer, spec.data.source, spec.train.seq_len, spec.data.eval_context, spec.data.eval_tokens,
-        spec.data.eval_fraction,
-        max_train_tokens=spec.train.steps * spec.train.batch_size * spec.train.grad_accum * spec.train.seq_len,
-        seed=spec.train.seed,
-    )
+    global_batch = spec.train.batch_size * spec.train.grad_accum * procs.num_processes
+    with procs.main_process_first():
+        data = prepare_data(
+            tokenizer, spec.data.source, spec.train.seq_len, spec.data.eval_context, spec.data.eval_tokens,
+            spec.data.eval_fraction, max_train_tokens=spec.train.steps * global_batch * spec.train.seq_len,
+            seed=spec.train.seed,
+        )
     log(f"{data.train.shape[0]} train blocks of {data.train.shape[1]}, {data.eval.shape[0]} eval blocks of {data.eval.shape[1]}")
 
     def evaluate(name: str, m: torch.nn.Module) -> float:
@@ -127,7 +153,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         # RTN's integer model is the baseline already evaluated; GPTQ's is new.
         ppl_merged = ppl_rtn if spec.method == "rtn" else evaluate(f"{spec.method} merged", model)
         ppl_trained = ppl_merged
-    save_quantized(model, tokenizer, out / "model", quant)
+    if main:
+        save_quantized(model, tokenizer, out / "model", quant)
 
     results = {
         "model": spec.model,
@@ -142,10 +169,14 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         "merged_vs_training_rel_diff": abs(ppl_merged - ppl_trained) / ppl_trained,
         "rtn_tie_differences": ties,
         "trainable_params": trainable,
+        "processes": procs.num_processes,
+        "distributed": str(procs.distributed_type.value),
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
                   "peak_rss_mb": result.peak_rss_mb, "final_loss": result.losses[-1] if result.losses else None},
         "model_dir": str(out / "model"),
     }
-    write_results(out, results)
+    if main:
+        write_results(out, results)
+    procs.wait_for_everyone()
     log(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return results

@@ -13,15 +13,17 @@ import ctypes
 import gc
 import json
 import math
+import os
 import resource
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -41,6 +43,22 @@ class TrainResult:
     seconds: float
     peak_rss_mb: float
     losses: list[float] = field(default_factory=list)
+
+
+def use_cpu() -> bool:
+    """Run torch.distributed on CPU (gloo) when there is no GPU. Accelerate's CPU mode
+    has no FSDP: a request for it runs as DDP there, and we say so."""
+    if torch.cuda.is_available():
+        return False
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        warnings.warn("FSDP needs GPUs: on CPU this run uses DDP (gloo) instead.", stacklevel=2)
+    return True
+
+
+def process_state() -> PartialState:
+    """This process's place in a distributed run (`accelerate launch`, torchrun), or a
+    single process. Without a GPU, torch.distributed runs on CPU over gloo."""
+    return PartialState(cpu=use_cpu())
 
 
 def lr_factor(step: int, spec: TrainSpec) -> float:
@@ -132,7 +150,10 @@ class Trainer:
         self.fingerprint = fingerprint
         self.train_blocks = train_blocks
         self.eval_blocks = eval_blocks
-        self.accelerator = Accelerator()
+        # Frozen buffers (Φ0, zero points) are identical in every process by construction:
+        # DDP need not re-broadcast them before each forward pass.
+        self.accelerator = Accelerator(cpu=use_cpu(),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = build_optimizer(model, spec)
