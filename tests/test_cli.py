@@ -157,3 +157,38 @@ def test_export_refusals_are_clear(tmp_path, tiny_model_dir, text_file):
     assert not out.exists()  # refused before any work
     assert_clean_error(run_cli("export", str(tmp_path), "--format", "gguf"), "quantization.json")
     assert_clean_error(run_cli("export", str(tmp_path), "--format", "onnx"), "unknown export format")
+
+
+def test_token_budget_and_tensorboard_log(tmp_path, tiny_model_dir, text_file):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--max-tokens", "300",
+                   "--batch-size", "2", "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128", "--rank", "4",
+                   "--granularity", "g32", "--output", str(out), "--tensorboard")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["train"]["steps"] == 5  # ceil(300 / (2 x 32))
+    assert results["train"]["tokens"] == 5 * 64
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("loss")]
+    metrics = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses == pytest.approx(metrics, rel=1e-6)
+
+
+def test_streaming_run_from_a_folder(tmp_path, tiny_model_dir, text_file):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    paragraphs = text_file.read_text().split("\n\n")
+    for i in range(0, len(paragraphs), 4):
+        (folder / f"part{i:03d}.txt").write_text("\n\n".join(paragraphs[i : i + 4]))
+    out = tmp_path / "run"
+    proc = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(folder), "--streaming", "--steps", "3",
+                   "--batch-size", "2", "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128", "--rank", "4",
+                   "--granularity", "g32", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["spec"]["data"]["streaming"] is True
+    assert results["train"]["tokens"] == 3 * 2 * 32
+    assert results["ppl"]["lrqat_merged"] == results["ppl"]["lrqat"]

@@ -44,6 +44,9 @@ _FLAG_FIELDS = {
     "eval_every": ("train", "eval_every"),
     "save_every": ("train", "save_every"),
     "seed": ("train", "seed"),
+    "max_tokens": ("train", "max_tokens"),
+    "streaming": ("data", "streaming"),
+    "tensorboard": ("train", "tensorboard"),
 }
 
 
@@ -118,6 +121,10 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--eval-every", type=int, help="quick eval every N steps (0: off)")
     q.add_argument("--save-every", type=int, help="checkpoint every N steps")
     q.add_argument("--seed", type=int, help="seed of data order and adapter init")
+    q.add_argument("--streaming", action="store_true", default=None,
+                   help="read and tokenise the training text lazily (corpora larger than memory)")
+    q.add_argument("--max-tokens", type=int, help="train on this many tokens (sets the step count from the global batch)")
+    q.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics to OUTPUT/tensorboard")
     q.add_argument("--no-grad-checkpointing", action="store_true", help="keep block activations (faster, more memory)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in order, not by Hessian")
     q.add_argument("--damp", type=float, help="GPTQ: damping as a fraction of the mean Hessian diagonal (0.01)")

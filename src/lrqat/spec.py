@@ -7,6 +7,7 @@ model is loaded (seconds) rather than in the middle of a run (minutes).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,8 +129,21 @@ class TrainSpec:
     eval_blocks: int = 2
     save_every: int = 25
     seed: int = 0
+    # a token budget instead of a step count: steps = ceil(max_tokens / tokens per step)
+    max_tokens: int | None = None
+    # also log the metrics to TensorBoard (OUTPUT/tensorboard)
+    tensorboard: bool = False
+
+    def steps_for(self, processes: int) -> int:
+        """Optimizer steps of this run: `steps`, or enough to train on `max_tokens`."""
+        if self.max_tokens is None:
+            return self.steps
+        per_step = self.batch_size * self.grad_accum * processes * self.seq_len
+        return max(1, math.ceil(self.max_tokens / per_step))
 
     def validate(self) -> None:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise LrqatError(f"max-tokens={self.max_tokens!r} must be a positive integer.")
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -151,6 +165,8 @@ class DataSpec:
     """Where the text comes from and how it becomes token blocks."""
 
     source: str = "brown"
+    # read, tokenise and pack the training text lazily (corpora larger than memory)
+    streaming: bool = False
     eval_fraction: float = 0.1
     eval_context: int = 1024
     eval_tokens: int = 8192

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from lrqat.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.spec import METHOD_LRS, TrainSpec
+from lrqat.stream import TokenStream
 from lrqat.surgery import trainable_groups
 
 METRICS_NAME = "metrics.jsonl"
@@ -138,7 +140,7 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        train_blocks: torch.Tensor,
+        train_blocks: torch.Tensor | TokenStream,
         eval_blocks: torch.Tensor,
         spec: TrainSpec,
         out_dir: Path,
@@ -152,8 +154,13 @@ class Trainer:
         self.eval_blocks = eval_blocks
         # Frozen buffers (Φ0, zero points) are identical in every process by construction:
         # DDP need not re-broadcast them before each forward pass.
-        self.accelerator = Accelerator(cpu=use_cpu(),
+        if spec.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise LrqatError("--tensorboard needs the tensorboard package: pip install 'lrqat[tensorboard]'.")
+        self.accelerator = Accelerator(cpu=use_cpu(), log_with="tensorboard" if spec.tensorboard else None,
+                                       project_dir=str(out_dir),
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        if spec.tensorboard:
+            self.accelerator.init_trackers("tensorboard")
         if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         self.optimizer = build_optimizer(model, spec)
@@ -214,11 +221,17 @@ class Trainer:
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if self.spec.tensorboard:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
-        idx = step_indices(step, self.train_blocks.shape[0], self.global_batch(), self.spec.seed)
-        per_process = idx.reshape(self.accelerator.num_processes, -1)[self.accelerator.process_index]
-        return [self.train_blocks[chunk] for chunk in per_process.split(self.spec.batch_size)]
+        if isinstance(self.train_blocks, torch.Tensor):
+            idx = step_indices(step, self.train_blocks.shape[0], self.global_batch(), self.spec.seed)
+            blocks = self.train_blocks[idx]
+        else:  # a TokenStream: blocks in stream order
+            blocks = self.train_blocks.batch(step, self.global_batch())
+        per_process = blocks.reshape(self.accelerator.num_processes, -1, blocks.shape[-1])[self.accelerator.process_index]
+        return list(per_process.split(self.spec.batch_size))
 
     def train_step(self) -> tuple[float, float]:
         self.model.train()
@@ -242,7 +255,7 @@ class Trainer:
     def run(self) -> TrainResult:
         spec = self.spec
         reset_peak_memory()
-        tokens_per_step = self.global_batch() * self.train_blocks.shape[1]
+        tokens_per_step = self.global_batch() * self.train_blocks.shape[-1]
         bar = tqdm(
             total=spec.steps, initial=self.step, desc="LR-QAT", unit="step",
             disable=not self.accelerator.is_main_process, dynamic_ncols=True,
@@ -272,6 +285,8 @@ class Trainer:
             ) from None
         finally:
             bar.close()
+            if spec.tensorboard:
+                self.accelerator.end_training()
         self.save()
         self.model.eval()
         return TrainResult(
@@ -285,7 +300,7 @@ class Trainer:
 
 def train(
     model: nn.Module,
-    train_blocks: torch.Tensor,
+    train_blocks: torch.Tensor | TokenStream,
     eval_blocks: torch.Tensor,
     spec: TrainSpec,
     out_dir: Path,
