@@ -12,7 +12,6 @@ small trainable tensors and recomputes Ŵ from them when gradients are needed (�
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,38 +19,49 @@ from torch import nn
 
 from lrqat.downcast import downcast, upcast
 from lrqat.ptq import init_params
-from lrqat.quantizer import dequantize, fake_quant, pack_ints, quantize, round_ste, to_grid, unpack_ints
+from lrqat.quantizer import dequantize, fake_quant, grouped, pack_ints, quantize, round_ste, to_grid, unpack_ints
 from lrqat.spec import LRQATSpec, QuantSpec
 
 
-class _RecomputedWeightLinear(torch.autograd.Function):
-    """`y = x · weight_fn(*params)ᵀ + bias`, storing `params` instead of the weight.
+class _LRQATLinearFunction(torch.autograd.Function):
+    """`y = x · Ŵᵀ + bias` with `Ŵ = s ⊙ (clamp(round(Φ0 + c·A·B)) − z)`, storing only
+    `x`, `A`, `B`, `s` (never Ŵ) and differentiating by hand in the backward pass.
 
-    The backward pass rebuilds the weight under autograd (one layer at a time, so the
-    full-size temporaries live only briefly) and pushes `dL/dŴ = gᵀ x` through it.
+    With straight-through rounding, `∂Ŵ/∂(c·A·B) = s` where the rounded value lies on
+    the grid (the clamp's pass-through mask `m`) and `∂Ŵ/∂s = q − z`. So, from
+    `G = dL/dŴ = gᵀx`: `dA = c·(G⊙s⊙m)·Bᵀ`, `dB = c·Aᵀ·(G⊙s⊙m)`, `ds = Σ_group G⊙(q − z)`.
+    One recomputation of `q`, no autograd graph over weight-sized tensors.
     """
 
     @staticmethod
-    def forward(ctx, x, weight_fn, bias, *params):
+    def forward(ctx, x, layer, A, B, s):
         with torch.no_grad():
-            weight = weight_fn(*params).to(x.dtype)
-        ctx.weight_fn = weight_fn
-        ctx.save_for_backward(x, *params)
-        return F.linear(x, weight, bias)
+            q, _ = layer.grid_integers(A, B)
+            weight = dequantize(q, s, layer.zeros).to(x.dtype)
+        ctx.layer = layer
+        ctx.save_for_backward(x, A, B, s)
+        return F.linear(x, weight, layer.bias)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, *params = ctx.saved_tensors
-        needs = ctx.needs_input_grad[3:]
-        with torch.enable_grad():
-            leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs)]
-            weight = ctx.weight_fn(*leaves)
+        x, A, B, s = ctx.saved_tensors
+        layer = ctx.layer
+        q, on_grid = layer.grid_integers(A, B)
+        weight = dequantize(q, s, layer.zeros)
         grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
-        wanted = [leaf for leaf in leaves if leaf.requires_grad]
-        found = iter(torch.autograd.grad(weight, wanted, grad_w.to(weight.dtype)) if wanted else ())
-        grads = [next(found) if leaf.requires_grad else None for leaf in leaves]
-        return (grad_x, None, None, *grads)
+        del weight
+        G = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()
+        need_A, need_B, need_s = ctx.needs_input_grad[2:5]
+        grad_A = grad_B = grad_s = None
+        g = q.shape[1] // s.shape[1]
+        if need_s:
+            centred = grouped(q, g) if layer.zeros is None else grouped(q, g) - layer.zeros.unsqueeze(-1)
+            grad_s = (grouped(G, g) * centred).sum(-1)
+        if need_A or need_B:
+            G_c = (grouped(G, g) * s.unsqueeze(-1)).reshape(G.shape) * on_grid * layer.scaling
+            grad_A = G_c @ B.float().t() if need_A else None
+            grad_B = A.float().t() @ G_c if need_B else None
+        return grad_x, None, grad_A, grad_B, grad_s
 
 
 def lowrank_factors(
@@ -162,25 +172,33 @@ class LRQATLinear(nn.Module):
         """Φ0 read back from storage as float32 grid values."""
         return upcast(self.phi, self.phi_format, self.spec)
 
-    def _int_weight(self, A: torch.Tensor, B: torch.Tensor, rounding: Callable) -> torch.Tensor:
+    def grid_integers(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`q = clamp(round(Φ0 + c·A·B))` (for φ = int: `clamp(Φ0 + round(c·A·B))`) and the
+        mask of entries the clamp let through (where the straight-through gradient flows)."""
+        with torch.no_grad():
+            C = self.scaling * (A.float() @ B.float())
+            rounded = self.base() + torch.round(C) if self.phi_format == "int" else torch.round(self.base() + C)
+            on_grid = (rounded >= self.spec.qmin) & (rounded <= self.spec.qmax)
+            return rounded.clamp_(self.spec.qmin, self.spec.qmax), on_grid
+
+    def reference_weight(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Ŵ through plain autograd (straight-through rounding): the specification the
+        hand-written backward pass is tested against."""
         C = self.scaling * (A.float() @ B.float())
         if self.phi_format == "int":
-            return torch.clamp(self.base() + rounding(C), self.spec.qmin, self.spec.qmax)
-        return torch.clamp(rounding(self.base() + C), self.spec.qmin, self.spec.qmax)
-
-    def _weight(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        return dequantize(self._int_weight(A, B, round_ste), s, self.zeros)
+            q = torch.clamp(self.base() + round_ste(C), self.spec.qmin, self.spec.qmax)
+        else:
+            q = torch.clamp(round_ste(self.base() + C), self.spec.qmin, self.spec.qmax)
+        return dequantize(q, s, self.zeros)
 
     def int_weight(self) -> torch.Tensor:
         """The integers the layer computes with now (what `merge()` keeps)."""
-        with torch.no_grad():
-            return self._int_weight(self.A, self.B, torch.round)
+        return self.grid_integers(self.A, self.B)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = (self.A, self.B, self.s)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return _RecomputedWeightLinear.apply(x, self._weight, self.bias, *params)
-        return F.linear(x, self._weight(*params).to(x.dtype), self.bias)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.A, self.B, self.s)):
+            return _LRQATLinearFunction.apply(x, self, self.A, self.B, self.s)
+        return F.linear(x, dequantize(self.int_weight(), self.s, self.zeros).to(x.dtype), self.bias)
 
     def merge(self) -> QuantLinear:
         """The deployed integer layer: same function, no adapter."""
