@@ -3,8 +3,10 @@
 For each model shape (the built-in model's, Llama-1B's, Llama-7B's; random weights,
 since shape is what memory and time depend on) every variant runs in its own process:
 build the model in the chosen dtype, apply the method, run warm-up steps, then time
-training steps and record the peak memory of the training window (VmHWM on CPU, peak
-allocated on GPU) next to the static bill from `lrqat.memory`. Ratios are taken within
+training steps and record the peak memory of the training window (on CPU: VmHWM minus
+the process's resident memory before any model existed, i.e. without Python, torch and
+transformers themselves; on GPU: peak allocated) next to the static bill from
+`lrqat.memory`. Ratios are taken within
 one run, side by side. A per-layer micro-benchmark times forward+backward of one
 `LRQATLinear` against a frozen plain linear with a LoRA adapter of the same shape.
 
@@ -34,6 +36,13 @@ SHAPES = {
 VARIANTS = ("lrqat-fixed8", "lrqat-int", "lrqat-bf16", "lrqat-fp32", "lora", "qat", "peqa")
 
 
+def current_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def build(shape: str, layers: int, dtype: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,6 +67,7 @@ def worker(args) -> dict:
     from lrqat.train import Trainer, peak_memory_mb, reset_peak_memory
 
     torch.set_num_threads(args.threads)
+    libraries_mb = 0.0 if torch.cuda.is_available() else current_rss_mb()  # before any model exists
     model = build(args.shapes, args.layers, args.dtype)
     device = next(model.parameters()).device
     quant = QuantSpec(bits=4, symmetric=True, group_size=None, init="minmax")
@@ -86,7 +96,9 @@ def worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    return {"variant": args.worker, "shape": args.shapes, "peak_mb": round(peak_memory_mb(), 1),
+    peak = peak_memory_mb()
+    return {"variant": args.worker, "shape": args.shapes, "peak_mb": round(peak - libraries_mb, 1),
+            "peak_process_mb": round(peak, 1), "libraries_mb": round(libraries_mb, 1),
             "step_s": round(min(times), 3), "bill_mb": bill.as_mb(),
             "tokens_per_s": round(args.batch_size * args.seq_len / min(times), 1)}
 
@@ -132,7 +144,7 @@ def render(rows: list[dict], micro: list[dict], meta: dict) -> str:
         group = [r for r in rows if r["shape"] == shape]
         by = {r["variant"]: r for r in group}
         lines += [f"## {shape} ({meta['layers'].get(shape)} layers)", "",
-                  "| variant | peak MB | vs QAT | step s | vs LoRA | frozen quantized base MB | other frozen MB | trainable MB | Adam state MB |",
+                  "| variant | peak MB (training window, model only) | vs QAT | step s | vs LoRA | frozen quantized base MB | other frozen MB | trainable MB | Adam state MB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in group:
             qat = by.get("qat", {}).get("peak_mb")

@@ -81,3 +81,21 @@ def test_streamed_training_resumes_on_the_same_trajectory(tmp_path, corpus, toke
     run(tmp_path / "b", 2, False)
     resumed = run(tmp_path / "b", 4, True)
     assert resumed == straight
+
+
+def test_hugging_face_dataset_source_streams_its_text_column(tmp_path, corpus, tokenizer):
+    """`hf:PATH` goes through the datasets library (a local dataset folder here; a hub
+    name where a network exists)."""
+    from lrqat.data import load_documents
+    from lrqat.errors import LrqatError
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for part in sorted(corpus.glob("*.jsonl"))[:3]:
+        (folder / part.name).write_text(part.read_text())
+    docs = load_documents(f"hf:{folder}")
+    assert len(docs) == 60 and docs[0].text.startswith("Document 0-0.")
+    stream = TokenStream(tokenizer, f"hf:{folder}", 32, 0.1, shuffle_buffer=4)
+    assert stream.batch(2, 3).shape == (3, 32)
+    with pytest.raises(LrqatError, match="cannot read dataset"):
+        load_documents(f"hf:{tmp_path / 'missing'}")

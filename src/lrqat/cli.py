@@ -93,7 +93,7 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--recipe", type=Path, help="YAML file with any of the settings below (flags override it)")
     q.add_argument("--model", help="built-in name (smollm2-135m), HF model folder, or hub id")
     q.add_argument("--dtype", choices=DTYPES, help="compute dtype: fp32 (default) or bf16 (frozen tensors and activations in bfloat16, trainable tensors fp32)")
-    q.add_argument("--data", help="'brown' (built-in), a .txt/.jsonl file, or a folder of them")
+    q.add_argument("--data", help="'brown' (built-in), a .txt/.jsonl file, a folder of them, or hf:NAME[:CONFIG]")
     q.add_argument("--output", "-o", help="run folder (default runs/default)")
     q.add_argument("--bits", type=int, help="weight bits, 2-8 (default 4)")
     sym = q.add_mutually_exclusive_group()

@@ -153,14 +153,46 @@ def split_paragraphs(docs: list[Document]) -> list[Document]:
     return out
 
 
+# --- Hugging Face datasets ("hf:NAME" or "hf:NAME:CONFIG", split train, field "text") ---
+
+HF_PREFIX = "hf:"
+
+
+def iter_hf_documents(source: str) -> Iterator[Document]:
+    """Rows of a Hugging Face dataset, streamed (a hub name where a network exists, or a
+    local dataset folder / data files the `datasets` library reads)."""
+    try:
+        import datasets
+    except ImportError:
+        raise LrqatError(f"data source {source!r} needs the datasets package: pip install 'lrqat[hf]'.") from None
+    name, _, config = source[len(HF_PREFIX):].partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        for i, row in enumerate(rows):
+            if "text" not in row:
+                raise LrqatError(f"dataset {name!r} has no 'text' column (columns: {', '.join(row)}).")
+            yield Document(f"{name}:{i}", row["text"])
+    except LrqatError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the datasets library raises many kinds; name the source
+        raise LrqatError(f"cannot read dataset {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
+
+
 def check_source(source: str) -> None:
     """Fail before any model is loaded when a local data source does not exist."""
+    if source.startswith(HF_PREFIX):
+        return
     if source != "brown" and not Path(source).expanduser().exists():
         raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
 
 
 def load_documents(source: str) -> list[Document]:
-    docs = brown_documents() if source == "brown" else local_documents(source)
+    if source == "brown":
+        docs = brown_documents()
+    elif source.startswith(HF_PREFIX):
+        docs = list(iter_hf_documents(source))
+    else:
+        docs = local_documents(source)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise LrqatError(f"data source {source!r} holds no text.")

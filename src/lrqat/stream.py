@@ -17,13 +17,25 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lrqat.data import Document, brown_documents, is_eval_document, iter_file_documents, pack_blocks, source_files
+from lrqat.data import (
+    HF_PREFIX,
+    Document,
+    brown_documents,
+    is_eval_document,
+    iter_file_documents,
+    iter_hf_documents,
+    pack_blocks,
+    source_files,
+)
 from lrqat.errors import LrqatError
 
 
 def iter_documents(source: str) -> Iterator[Document]:
     if source == "brown":
         yield from brown_documents()
+        return
+    if source.startswith(HF_PREFIX):
+        yield from iter_hf_documents(source)
         return
     for path in source_files(source):
         yield from iter_file_documents(path)
