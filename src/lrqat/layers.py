@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrqat.downcast import downcast, upcast
+from lrqat.downcast import downcast, fractional_bits, upcast
 from lrqat.ptq import init_params
 from lrqat.quantizer import dequantize, fake_quant, grouped, pack_ints, quantize, round_ste, to_grid, unpack_ints
 from lrqat.spec import LRQATSpec, QuantSpec
@@ -46,7 +46,7 @@ class _LRQATLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, A, B, s = ctx.saved_tensors
         layer = ctx.layer
-        q, on_grid = layer.grid_integers(A, B)
+        q, on_grid = layer.grid_integers(A, B, with_mask=True)
         weight = dequantize(q, s, layer.zeros)
         grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         del weight
@@ -172,14 +172,21 @@ class LRQATLinear(nn.Module):
         """Φ0 read back from storage as float32 grid values."""
         return upcast(self.phi, self.phi_format, self.spec)
 
-    def grid_integers(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`q = clamp(round(Φ0 + c·A·B))` (for φ = int: `clamp(Φ0 + round(c·A·B))`) and the
-        mask of entries the clamp let through (where the straight-through gradient flows)."""
+    def grid_integers(self, A: torch.Tensor, B: torch.Tensor, with_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`q = clamp(round(Φ0 + c·A·B))` (for φ = int: `clamp(Φ0 + round(c·A·B))`) and, if
+        asked, the mask of entries the clamp let through (where the straight-through
+        gradient flows). Weight-sized passes are what LR-QAT's step costs over LoRA, so
+        they are done in place, and `fixed8` codes are added without a float copy."""
         with torch.no_grad():
-            C = self.scaling * (A.float() @ B.float())
-            rounded = self.base() + torch.round(C) if self.phi_format == "int" else torch.round(self.base() + C)
-            on_grid = (rounded >= self.spec.qmin) & (rounded <= self.spec.qmax)
-            return rounded.clamp_(self.spec.qmin, self.spec.qmax), on_grid
+            v = torch.mm(A.float(), B.float()).mul_(self.scaling)
+            if self.phi_format == "int":
+                v.round_().add_(self.base())
+            elif self.phi_format == "fixed8":
+                v.add_(self.phi, alpha=2.0 ** -fractional_bits(self.spec)).add_(self.spec.qmin).round_()
+            else:
+                v.add_(self.phi).round_()
+            on_grid = (v >= self.spec.qmin).logical_and_(v <= self.spec.qmax) if with_mask else None
+            return v.clamp_(self.spec.qmin, self.spec.qmax), on_grid
 
     def reference_weight(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Ŵ through plain autograd (straight-through rounding): the specification the
