@@ -46,21 +46,26 @@ class _LRQATLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, A, B, s = ctx.saved_tensors
         layer = ctx.layer
+        # Weight-sized temporaries are the transient memory of this layer: at most the
+        # integers, the mask and one gradient-sized buffer, updated in place.
         q, on_grid = layer.grid_integers(A, B, with_mask=True)
-        weight = dequantize(q, s, layer.zeros)
-        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
-        del weight
+        g = q.shape[1] // s.shape[1]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize(q, s, layer.zeros).to(grad_out.dtype)
         G = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()
         need_A, need_B, need_s = ctx.needs_input_grad[2:5]
         grad_A = grad_B = grad_s = None
-        g = q.shape[1] // s.shape[1]
         if need_s:
-            centred = grouped(q, g) if layer.zeros is None else grouped(q, g) - layer.zeros.unsqueeze(-1)
-            grad_s = (grouped(G, g) * centred).sum(-1)
+            if layer.zeros is not None:
+                grouped(q, g).sub_(layer.zeros.unsqueeze(-1))
+            grad_s = grouped(q.mul_(G), g).sum(-1)
+        del q
         if need_A or need_B:
-            G_c = (grouped(G, g) * s.unsqueeze(-1)).reshape(G.shape) * on_grid * layer.scaling
-            grad_A = G_c @ B.float().t() if need_A else None
-            grad_B = A.float().t() @ G_c if need_B else None
+            grouped(G, g).mul_(s.unsqueeze(-1))
+            G.mul_(on_grid).mul_(layer.scaling)
+            grad_A = G @ B.float().t() if need_A else None
+            grad_B = A.float().t() @ G if need_B else None
         return grad_x, None, grad_A, grad_B, grad_s
 
 
