@@ -29,8 +29,9 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> P
     model.eval()
     total_nll = 0.0
     total_tokens = 0
+    device = next(model.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
-        ids = blocks[start : start + batch_size]
+        ids = blocks[start : start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         total_nll += nll.item()

@@ -98,6 +98,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     log(f"loading model {spec.model}")
     with procs.main_process_first():
         model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
+    model.to(procs.device)  # this process's GPU, or the CPU
     check_targets(model, spec.quant, spec.lrqat.targets)
     out = check_output(spec, resume)
     procs.wait_for_everyone()
@@ -153,6 +154,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         del gptq_model
 
     apply_method(spec.method, model, quant, spec.lrqat, ranges, seed=spec.train.seed, integers=integers)
+    model.to(procs.device)  # adapters are created on the CPU (seeded CPU generator)
     ties = stages.get("rtn_tie_differences", partial(count_rtn_ties, model, rtn_model))
     del rtn_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -127,7 +127,8 @@ def collect_hessians(model: nn.Module, targets: list[tuple[str, nn.Linear]], cal
     """`H = 2/n · Σ x xᵀ` of the inputs of every target linear, from one pass of the
     float model over the calibration blocks (all layers at once: each layer sees float
     inputs, not the outputs of already-quantized layers before it)."""
-    hessians = {name: torch.zeros(lin.in_features, lin.in_features) for name, lin in targets}
+    device = next(model.parameters()).device
+    hessians = {name: torch.zeros(lin.in_features, lin.in_features, device=device) for name, lin in targets}
     counts = dict.fromkeys(hessians, 0)
 
     def hook(name: str):
@@ -141,7 +142,7 @@ def collect_hessians(model: nn.Module, targets: list[tuple[str, nn.Linear]], cal
     handles = [lin.register_forward_hook(hook(name)) for name, lin in targets]
     try:
         for start in range(0, calib_blocks.shape[0], batch_size):
-            model(input_ids=calib_blocks[start : start + batch_size], use_cache=False)
+            model(input_ids=calib_blocks[start : start + batch_size].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
