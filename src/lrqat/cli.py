@@ -13,7 +13,7 @@ import yaml
 
 from lrqat.errors import LrqatError
 from lrqat.export.formats import FORMATS as EXPORT_FORMATS
-from lrqat.spec import DTYPES, METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec
+from lrqat.spec import DTYPES, METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec, parse_choices
 
 # flag name → (section, field) of RunSpec
 _FLAG_FIELDS = {
@@ -180,14 +180,6 @@ def parse_granularity(granularity: str | None, group_size: int | None) -> int | 
     raise LrqatError(f"unknown granularity {granularity!r}: use 'channel', 'group' (with --group-size N) or 'gN'.")
 
 
-def parse_formats(text: str) -> list[str]:
-    formats = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown or not formats:
-        raise LrqatError(f"unknown export format {', '.join(unknown) or text!r}: choose from {', '.join(EXPORT_FORMATS)}.")
-    return formats
-
-
 def run_exports(run: Path, formats: list[str], output: Path | None) -> int:
     from lrqat.export.formats import export
 
@@ -208,22 +200,22 @@ def main(argv: list[str] | None = None) -> int:
             setup()
             return 0
         if args.command == "export":
-            return run_exports(args.run, parse_formats(args.format), args.output)
+            return run_exports(args.run, parse_choices(args.format, EXPORT_FORMATS, "export format"), args.output)
         if args.command == "generate":
             from lrqat.generate import generate
 
             print(generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.chat, args.seed))
             return 0
         spec = spec_from_args(args)
-        formats = parse_formats(args.export) if args.command == "quantize" and args.export else []
+        formats = parse_choices(args.export, EXPORT_FORMATS, "export format") if args.command == "quantize" and args.export else []
         if "gguf" in formats:
             from lrqat.export.gguf_llama import block_type_for
 
             block_type_for(spec.quant)  # refuse before hours of training, not after
         if args.command == "compare":
-            from lrqat.compare import parse_methods, run_compare
+            from lrqat.compare import run_compare
 
-            methods = parse_methods(args.methods)
+            methods = parse_choices(args.methods, METHODS, "method(s)")
             copy.deepcopy(spec).validate()
             summary = run_compare(spec, methods)
             print(json.dumps({m: round(v["ppl"], 3) for m, v in summary["methods"].items()}, indent=2))

@@ -19,17 +19,9 @@ import yaml
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
 from lrqat.report import METHOD_NAMES
-from lrqat.spec import METHODS, RunSpec
+from lrqat.spec import RunSpec
 
 SHARED_STAGES = ("ppl_float", "ppl_rtn")
-
-
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise LrqatError(f"unknown method(s) {', '.join(unknown) or '(none)'}: choose from {', '.join(METHODS)}.")
-    return methods
 
 
 def run_compare(spec: RunSpec, methods: list[str], log: Any = print) -> dict[str, Any]:

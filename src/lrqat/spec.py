@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +186,15 @@ class DataSpec:
 
 
 DTYPES = ("fp32", "bf16")
+
+
+def parse_choices(text: str, choices: Sequence[str], noun: str) -> list[str]:
+    """A comma-separated list of names, each one of `choices`, at least one."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown or not names:
+        raise LrqatError(f"unknown {noun} {', '.join(unknown) or '(none)'}: choose from {', '.join(choices)}.")
+    return names
 
 
 @dataclass
