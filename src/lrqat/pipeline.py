@@ -60,11 +60,10 @@ def check_output(spec: RunSpec, resume: bool) -> Path:
     return out
 
 
-def prepare_output(spec: RunSpec, resume: bool) -> Path:
-    out = check_output(spec, resume)
+def claim_output(out: Path, spec: RunSpec) -> None:
+    """Create the run folder and record its settings (after `check_output`, main process only)."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "run.json", json.dumps(spec.to_dict(), indent=2))
-    return out
 
 
 class Stages:
@@ -103,7 +102,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     out = check_output(spec, resume)
     procs.wait_for_everyone()
     if main:
-        prepare_output(spec, resume)
+        claim_output(out, spec)
     procs.wait_for_everyone()
     stages = Stages(out / STAGES_NAME, writer=main)
     torch.manual_seed(spec.train.seed)
