@@ -181,12 +181,9 @@ def parse_granularity(granularity: str | None, group_size: int | None) -> int | 
 
 
 def run_exports(run: Path, formats: list[str], output: Path | None) -> int:
-    from lrqat.export.formats import export
+    from lrqat.export.formats import export_many
 
-    if output is not None and len(formats) > 1:
-        raise LrqatError("--output names one destination: export one format at a time, or leave --output out.")
-    for fmt in formats:
-        report = export(run, fmt, output)
+    for report in export_many(run, formats, output):
         print(json.dumps(report, indent=2))
     return 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lrqat.errors import LrqatError
-from lrqat.spec import QuantSpec
+from lrqat.spec import QuantSpec, parse_choices
 
 FORMATS = ("compressed-tensors", "gguf", "hf-dequantized")
 
@@ -46,48 +46,65 @@ def parameter_counts(model) -> tuple[int, int]:
 
 def export(path: Path, fmt: str, output: Path | None = None) -> dict[str, Any]:
     """Export the merged model in `path` (run or model folder) as `fmt`; return a report."""
-    if fmt not in FORMATS:
-        raise LrqatError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}.")
+    return export_many(path, [fmt], output)[0]
+
+
+def export_many(path: Path, formats: list[str], output: Path | None = None) -> list[dict[str, Any]]:
+    """Export the merged model in `path` in each of `formats`, loading it once.
+
+    `output` (one destination) needs a single format; by default each goes to
+    RUN/export/FORMAT. Settings GGUF cannot hold exactly are refused before loading.
+    """
+    formats = parse_choices(",".join(formats), FORMATS, "export format")
+    if output is not None and len(formats) > 1:
+        raise LrqatError("--output names one destination: export one format at a time, or leave --output out.")
     from transformers import AutoTokenizer
 
     from lrqat.export.native import load_quantized
 
     source = merged_model_dir(path)
     spec = QuantSpec(**json.loads((source / "quantization.json").read_text())["quant"])
-    if fmt == "gguf":
+    if "gguf" in formats:
         from lrqat.export.gguf_llama import block_type_for
 
-        block_type_for(spec)  # refuse before loading anything
+        block_type_for(spec)
     model = load_quantized(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     run_dir = source.parent if source.name == "model" else source
-    output = Path(output) if output else run_dir / "export" / fmt
-    report: dict[str, Any] = {"format": fmt, "source": str(source), "quant": spec.describe()}
+    n_quantized, n_all = parameter_counts(model)
+    reports = []
+    for fmt in formats:
+        destination = Path(output) if output else run_dir / "export" / fmt
+        report: dict[str, Any] = {"format": fmt, "source": str(source), "quant": spec.describe()}
+        written = write_format(fmt, model, tokenizer, source, spec, destination, report)
+        size = folder_bytes(written)
+        report.update(path=str(written), bytes=size, ratio_to_fp32=size / (4 * n_all), ratio_to_bf16=size / (2 * n_all))
+        if "quantized_layer_bytes" in report:
+            report["bits_per_quantized_weight"] = 8 * report["quantized_layer_bytes"] / n_quantized
+            report["quantized_layers_ratio_to_bf16"] = report["quantized_layer_bytes"] / (2 * n_quantized)
+        reports.append(report)
+    return reports
+
+
+def write_format(fmt: str, model, tokenizer, source: Path, spec: QuantSpec, output: Path,
+                 report: dict[str, Any]) -> Path:
+    """Write one format to `output` (atomically); add what the writer measured to `report`."""
     if fmt == "gguf":
         from lrqat.export.gguf_llama import export_gguf
 
         target = output if output.suffix == ".gguf" else output / "model.gguf"
-        details = export_gguf(model, tokenizer, source, spec, target)
-        report.update(dataclasses.asdict(details))
-        written = target
+        report.update(dataclasses.asdict(export_gguf(model, tokenizer, source, spec, target)))
+        return target
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    if fmt == "compressed-tensors":
+        from lrqat.export.compressed import save_compressed_tensors
+
+        report["quantized_layer_bytes"] = save_compressed_tensors(model, tokenizer, partial, spec)
     else:
-        partial = output.with_name(output.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        if fmt == "compressed-tensors":
-            from lrqat.export.compressed import save_compressed_tensors
+        from lrqat.export.dequantized import save_dequantized
 
-            report["quantized_layer_bytes"] = save_compressed_tensors(model, tokenizer, partial, spec)
-        else:
-            from lrqat.export.dequantized import save_dequantized
-
-            save_dequantized(model, tokenizer, partial)
-        shutil.rmtree(output, ignore_errors=True)
-        partial.rename(output)
-        written = output
-    size = folder_bytes(written)
-    n_quantized, n_all = parameter_counts(model)
-    report.update(path=str(written), bytes=size, ratio_to_fp32=size / (4 * n_all), ratio_to_bf16=size / (2 * n_all))
-    if "quantized_layer_bytes" in report:
-        report["bits_per_quantized_weight"] = 8 * report["quantized_layer_bytes"] / n_quantized
-        report["quantized_layers_ratio_to_bf16"] = report["quantized_layer_bytes"] / (2 * n_quantized)
-    return report
+        save_dequantized(model, tokenizer, partial)
+    shutil.rmtree(output, ignore_errors=True)
+    partial.rename(output)
+    return output
