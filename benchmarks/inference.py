@@ -24,13 +24,6 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS = ("float", "merged", "llama.cpp")
 
 
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker(variant: str, path: str, prompt_tokens: int, new_tokens: int, threads: int) -> dict:
     """Runs inside the child process: load, prefill once, decode greedily; report."""
     import torch
@@ -38,14 +31,15 @@ def worker(variant: str, path: str, prompt_tokens: int, new_tokens: int, threads
     from transformers import AutoModelForCausalLM
 
     from lrqat.export.native import load_quantized
+    from lrqat.train import process_memory_mb
 
     torch.set_num_threads(threads)
-    baseline = status_mb("VmRSS")  # interpreter and libraries, before any model
+    baseline = process_memory_mb("VmRSS")  # interpreter and libraries, before any model
     started = time.perf_counter()
     if variant == "llama.cpp":
         model = Llama(model_path=path, n_ctx=prompt_tokens + new_tokens + 8, verbose=False, n_threads=threads)
         load_s = time.perf_counter() - started
-        rss = status_mb("VmRSS")
+        rss = process_memory_mb("VmRSS")
         ids = list(range(1000, 1000 + prompt_tokens))
         t = time.perf_counter()
         model.eval(ids)
@@ -58,7 +52,7 @@ def worker(variant: str, path: str, prompt_tokens: int, new_tokens: int, threads
         model = load_quantized(Path(path)) if variant == "merged" else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         model.eval()
         load_s = time.perf_counter() - started
-        rss = status_mb("VmRSS")
+        rss = process_memory_mb("VmRSS")
         ids = torch.arange(1000, 1000 + prompt_tokens).unsqueeze(0)
         with torch.inference_mode():
             t = time.perf_counter()
@@ -68,7 +62,7 @@ def worker(variant: str, path: str, prompt_tokens: int, new_tokens: int, threads
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             decode_s = time.perf_counter() - t - prefill_s  # generate prefills once more
-    peak = status_mb("VmHWM")
+    peak = process_memory_mb("VmHWM")
     return {"variant": variant, "load_s": round(load_s, 2), "rss_libraries_mb": round(baseline, 1),
             "rss_after_load_mb": round(rss, 1), "peak_rss_mb": round(peak, 1), "peak_over_libraries_mb": round(peak - baseline, 1), "prefill_tok_s": round(prompt_tokens / prefill_s, 1),
             "decode_tok_s": round(new_tokens / max(decode_s, 1e-9), 2)}

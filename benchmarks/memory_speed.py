@@ -36,13 +36,6 @@ SHAPES = {
 VARIANTS = ("lrqat-fixed8", "lrqat-int", "lrqat-bf16", "lrqat-fp32", "lora", "qat", "peqa")
 
 
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def build(shape: str, layers: int, dtype: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -64,10 +57,10 @@ def worker(args) -> dict:
     from lrqat.methods import apply_lora, apply_method
     from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
     from lrqat.surgery import init_ranges
-    from lrqat.train import Trainer, peak_memory_mb, reset_peak_memory
+    from lrqat.train import Trainer, peak_memory_mb, process_memory_mb, reset_peak_memory
 
     torch.set_num_threads(args.threads)
-    libraries_mb = 0.0 if torch.cuda.is_available() else current_rss_mb()  # before any model exists
+    libraries_mb = 0.0 if torch.cuda.is_available() else (process_memory_mb("VmRSS") or 0.0)  # before any model exists
     model = build(args.shapes, args.layers, args.dtype)
     device = next(model.parameters()).device
     quant = QuantSpec(bits=4, symmetric=True, group_size=None, init="minmax")

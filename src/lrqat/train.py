@@ -98,16 +98,23 @@ def reset_peak_memory() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def process_memory_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (`VmRSS` now, `VmHWM` peak)
+    in MiB, or None where the file does not exist (not Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_memory_mb() -> float:
     """Peak resident memory of this process since the last reset (CPU), or peak
     allocated GPU memory."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = process_memory_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
