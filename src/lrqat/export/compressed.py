@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lrqat.errors import LrqatError
-from lrqat.export.tensors import compact_float, quant_layers, unique_tensors
+from lrqat.export.tensors import compact_float, quant_layers, unquantized_tensors
 from lrqat.spec import QuantSpec
 
 
@@ -70,8 +70,7 @@ def save_compressed_tensors(
             quantized_state[f"{name}.weight_zero_point"] = pack_to_int32(zp, spec.bits, packed_dim=0)
         if layer.bias is not None:
             quantized_state[f"{name}.bias"] = layer.bias.detach().contiguous()
-    prefixes = tuple(f"{name}." for name, _ in layers)
-    rest = {k: compact_float(v) for k, v in unique_tensors(model.state_dict()).items() if not k.startswith(prefixes)}
+    rest = {k: compact_float(v) for k, v in unquantized_tensors(model).items()}
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.quantization_config = quantization_config(model, spec)

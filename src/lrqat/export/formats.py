@@ -35,13 +35,13 @@ def folder_bytes(path: Path) -> int:
 
 def parameter_counts(model) -> tuple[int, int]:
     """(weights of the quantized layers, all weights) of the model as a float checkpoint holds them."""
-    from lrqat.export.tensors import quant_layers, unique_tensors
+    from lrqat.export.tensors import quant_layers, unquantized_tensors
 
-    quantized = dict(quant_layers(model))
-    n_quantized = sum(layer.in_features * layer.out_features for layer in quantized.values())
-    prefixes = tuple(f"{name}." for name in quantized)
-    rest = sum(t.numel() for k, t in unique_tensors(model.state_dict()).items() if not k.startswith(prefixes) or k.endswith(".bias"))
-    return n_quantized, n_quantized + rest
+    layers = [layer for _, layer in quant_layers(model)]
+    n_quantized = sum(layer.in_features * layer.out_features for layer in layers)
+    biases = sum(layer.bias.numel() for layer in layers if layer.bias is not None)
+    rest = sum(t.numel() for t in unquantized_tensors(model).values())
+    return n_quantized, n_quantized + biases + rest
 
 
 def export(path: Path, fmt: str, output: Path | None = None) -> dict[str, Any]:

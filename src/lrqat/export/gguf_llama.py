@@ -30,7 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lrqat.errors import LrqatError
-from lrqat.export.tensors import exact_in, quant_layers, unique_tensors
+from lrqat.export.tensors import exact_in, quant_layers, unquantized_tensors
 from lrqat.layers import QuantLinear
 from lrqat.spec import QuantSpec
 
@@ -219,11 +219,8 @@ def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pa
         quantized_bytes += raw.nbytes
         if layer.bias is not None:
             writer.add_tensor(gguf_name(names, f"{name}.bias"), layer.bias.detach().float().numpy())
-    prefixes = tuple(f"{name}." for name in layers)
     float_types: dict[str, int] = {}
-    for key, tensor in unique_tensors(model.state_dict()).items():
-        if key.startswith(prefixes):
-            continue
+    for key, tensor in unquantized_tensors(model).items():
         data, dtype = float_tensor(tensor, tensor.dim() == 1)
         float_types[dtype.name] = float_types.get(dtype.name, 0) + 1
         writer.add_tensor(gguf_name(names, key), data, raw_dtype=dtype)

@@ -24,6 +24,13 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unquantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors outside its quantized layers (embeddings, norms, head), each
+    stored once: what every format writes as plain tensors beside the packed layers."""
+    prefixes = tuple(f"{name}." for name, _ in quant_layers(model))
+    return {k: t for k, t in unique_tensors(model.state_dict()).items() if not k.startswith(prefixes)}
+
+
 def exact_in(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether `tensor` survives a round trip through `dtype` bit for bit."""
     return bool(torch.equal(tensor.to(dtype).to(tensor.dtype), tensor))
