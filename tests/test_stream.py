@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lrqat.stream as stream_module
+import lrqat.data as data_module
 from lrqat.data import is_eval_document
 from lrqat.methods import apply_lrqat
 from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
@@ -34,13 +34,13 @@ def tokenizer(tiny_model_dir):
 
 def test_stream_reads_files_only_as_far_as_it_needs(corpus, tokenizer, monkeypatch):
     opened = []
-    original = stream_module.iter_file_documents
+    original = data_module.iter_file_documents
 
     def spy(path):
         opened.append(path.name)
         yield from original(path)
 
-    monkeypatch.setattr(stream_module, "iter_file_documents", spy)
+    monkeypatch.setattr(data_module, "iter_file_documents", spy)
     TokenStream(tokenizer, str(corpus), 16, 0.1, shuffle_buffer=4).batch(0, 2)
     assert len(opened) <= 2
 

@@ -135,13 +135,6 @@ def source_files(source: str) -> list[Path]:
     raise LrqatError(f"data file {source!r} must end in .txt or .jsonl.")
 
 
-def local_documents(source: str) -> list[Document]:
-    docs = [d for f in source_files(source) for d in iter_file_documents(f)]
-    if len(docs) < 10:
-        docs = split_paragraphs(docs)
-    return docs
-
-
 def split_paragraphs(docs: list[Document]) -> list[Document]:
     """Few long documents cannot be split into train and eval: cut them at blank lines
     into runs of paragraphs so both sides get text."""
@@ -186,13 +179,21 @@ def check_source(source: str) -> None:
         raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
 
 
-def load_documents(source: str) -> list[Document]:
+def iter_documents(source: str) -> Iterator[Document]:
+    """The documents of any source, in a fixed order, read as they are reached."""
     if source == "brown":
-        docs = brown_documents()
+        yield from brown_documents()
     elif source.startswith(HF_PREFIX):
-        docs = list(iter_hf_documents(source))
+        yield from iter_hf_documents(source)
     else:
-        docs = local_documents(source)
+        for path in source_files(source):
+            yield from iter_file_documents(path)
+
+
+def load_documents(source: str) -> list[Document]:
+    docs = list(iter_documents(source))
+    if source != "brown" and not source.startswith(HF_PREFIX) and len(docs) < 10:
+        docs = split_paragraphs(docs)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise LrqatError(f"data source {source!r} holds no text.")
@@ -219,17 +220,22 @@ def split_documents(docs: list[Document], eval_fraction: float) -> tuple[list[Do
     return train, evals
 
 
+def document_token_ids(tokenizer: PreTrainedTokenizerBase, docs: Iterable[Document]) -> Iterator[list[int]]:
+    """Each document's token ids followed by EOS: the text stream blocks are cut from."""
+    eos = tokenizer.eos_token_id
+    for doc in docs:
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        yield ids if eos is None else [*ids, eos]
+
+
 def pack_blocks(tokenizer: PreTrainedTokenizerBase, docs: Iterable[Document], block_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """Tokenise documents, join them with EOS, and cut into `(n, block_len)` blocks.
 
     Stops tokenising once `max_tokens` are reached, so a short eval needs no full pass.
     """
-    eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
+    for doc_ids in document_token_ids(tokenizer, docs):
+        ids.extend(doc_ids)
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     if max_tokens is not None:

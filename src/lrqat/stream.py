@@ -17,28 +17,8 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from lrqat.data import (
-    HF_PREFIX,
-    Document,
-    brown_documents,
-    is_eval_document,
-    iter_file_documents,
-    iter_hf_documents,
-    pack_blocks,
-    source_files,
-)
+from lrqat.data import document_token_ids, is_eval_document, iter_documents, pack_blocks
 from lrqat.errors import LrqatError
-
-
-def iter_documents(source: str) -> Iterator[Document]:
-    if source == "brown":
-        yield from brown_documents()
-        return
-    if source.startswith(HF_PREFIX):
-        yield from iter_hf_documents(source)
-        return
-    for path in source_files(source):
-        yield from iter_file_documents(path)
 
 
 class TokenStream:
@@ -53,14 +33,10 @@ class TokenStream:
         self._position = 0
 
     def _epoch_blocks(self) -> Iterator[torch.Tensor]:
-        eos = self.tokenizer.eos_token_id
+        docs = (d for d in iter_documents(self.source) if d.text.strip() and not is_eval_document(d.id, self.eval_fraction))
         ids: list[int] = []
-        for doc in iter_documents(self.source):
-            if not doc.text.strip() or is_eval_document(doc.id, self.eval_fraction):
-                continue
-            ids.extend(self.tokenizer(doc.text, add_special_tokens=False)["input_ids"])
-            if eos is not None:
-                ids.append(eos)
+        for doc_ids in document_token_ids(self.tokenizer, docs):
+            ids.extend(doc_ids)
             while len(ids) >= self.seq_len:
                 yield torch.tensor(ids[: self.seq_len], dtype=torch.long)
                 ids = ids[self.seq_len :]
