@@ -1,15 +1,11 @@
 """The real built-in model and corpus, with a short budget."""
 
-import math
-
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from lrqat.data import prepare_data
-from lrqat.evaluate import perplexity
+from lrqat.evaluate import llama_cpp_perplexity, perplexity
 from lrqat.export.formats import export
 from lrqat.export.native import load_quantized
 from lrqat.export.tensors import quant_layers
@@ -61,21 +57,6 @@ def test_transformers_runs_the_compressed_tensors_export_of_the_real_model(real_
     assert report["bits_per_quantized_weight"] < 4.1
 
 
-def llama_cpp_perplexity(path, blocks: torch.Tensor) -> float:
-    """Perplexity as llama.cpp computes it: each block in a fresh context, its own kernels."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=blocks.shape[1], logits_all=True, verbose=False, n_threads=2)
-    nll, count = 0.0, 0
-    for block in blocks.tolist():
-        llm.reset()
-        llm.eval(block)
-        scores = torch.tensor(np.array(llm.scores[: len(block)]))
-        nll += F.cross_entropy(scores[:-1], torch.tensor(block[1:]), reduction="sum").item()
-        count += len(block) - 1
-    return math.exp(nll / count)
-
-
 def test_gguf_export_of_the_real_model_is_read_back_exactly_and_runs_in_llama_cpp(real_run):
     out, results, blocks = real_run
     report = export(out, "gguf")
@@ -89,4 +70,4 @@ def test_gguf_export_of_the_real_model_is_read_back_exactly_and_runs_in_llama_cp
         assert torch.equal(state[f"{name}.weight"], expected)
     ppl_ours = results["ppl"]["lrqat_merged"]
     assert perplexity(theirs, blocks).ppl == pytest.approx(ppl_ours, rel=5e-3)
-    assert llama_cpp_perplexity(report["path"], blocks) == pytest.approx(ppl_ours, rel=0.02)
+    assert llama_cpp_perplexity(report["path"], blocks).ppl == pytest.approx(ppl_ours, rel=0.02)

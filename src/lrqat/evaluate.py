@@ -39,3 +39,21 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> P
     model.train(was_training)
     mean = total_nll / total_tokens
     return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens, context=int(blocks.shape[1]))
+
+
+def llama_cpp_perplexity(gguf_path: str, blocks: torch.Tensor, threads: int = 2) -> Perplexity:
+    """The same measure computed by llama.cpp (llama-cpp-python) on a GGUF file: each block
+    in a fresh context, with llama.cpp's own kernels, so an export is judged by its engine."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=blocks.shape[1], logits_all=True, verbose=False, n_threads=threads)
+    total_nll, total_tokens = 0.0, 0
+    for block in blocks.tolist():
+        llm.reset()
+        llm.eval(block)
+        logits = torch.tensor(np.array(llm.scores[: len(block)]))
+        total_nll += F.cross_entropy(logits[:-1], torch.tensor(block[1:]), reduction="sum").item()
+        total_tokens += len(block) - 1
+    mean = total_nll / total_tokens
+    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens, context=int(blocks.shape[1]))
