@@ -61,3 +61,9 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text("\n\n".join(paragraphs))
     return path
+
+
+def metrics_reached(out, step):
+    """True once a run in `out` has logged `step` training steps."""
+    metrics = out / "metrics.jsonl"
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= step

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from conftest import metrics_reached
+
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lrqat.cli", *args], check=False, capture_output=True, text=True, cwd=cwd,
@@ -92,7 +94,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, text_fi
     proc = subprocess.Popen([sys.executable, "-m", "lrqat.cli", *common, "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not _metrics_reached(out, 5):
+    while time.time() < deadline and not metrics_reached(out, 5):
         time.sleep(0.05)
     proc.kill()
     proc.wait()
@@ -102,11 +104,6 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, text_fi
     clean_results = json.loads((tmp_path / "clean" / "results.json").read_text())
     resumed_results = json.loads((out / "results.json").read_text())
     assert resumed_results["ppl"] == pytest.approx(clean_results["ppl"], rel=1e-6)
-
-
-def _metrics_reached(out, step):
-    metrics = out / "metrics.jsonl"
-    return metrics.exists() and len(metrics.read_text().splitlines()) >= step
 
 
 def test_compare_runs_every_method_on_equal_terms(tmp_path, tiny_model_dir, text_file):

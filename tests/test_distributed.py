@@ -2,21 +2,24 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import metrics_reached
 from lrqat.export.native import load_quantized
 from lrqat.export.tensors import quant_layers
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
 
 
-def quantize_args(model_dir, text_file, out, batch_size):
-    return ["quantize", "--model", str(model_dir), "--data", str(text_file), "--steps", "4", "--batch-size",
+def quantize_args(model_dir, text_file, out, batch_size, steps=4):
+    return ["quantize", "--model", str(model_dir), "--data", str(text_file), "--steps", str(steps), "--batch-size",
             str(batch_size), "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128", "--rank", "4",
             "--granularity", "g32", "--lr", "1e-2", "--warmup", "0", "--output", str(out)]
 
@@ -25,25 +28,72 @@ def losses(out):
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, text_file):
+def run_cli(args, launcher=(), timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "lrqat.cli", *quantize_args(tiny_model_dir, text_file, tmp_path / "one", 4)],
-                            capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert single.returncode == 0, single.stderr
-    # the README's ready Accelerate config, as a user would launch it (CPU here: gloo)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
-                "--main_process_port", "29517", "-m", "lrqat.cli"]
-    double = subprocess.run([*launcher, *quantize_args(tiny_model_dir, text_file, tmp_path / "two", 2)],
-                            capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert double.returncode == 0, double.stderr[-3000:]
+    done = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
-    assert json.loads((tmp_path / "two" / "results.json").read_text())["processes"] == 2
-    one_losses, two_losses = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(one_losses) == len(two_losses) == 4
+
+def accelerate_launcher(config, port):
+    """The README's ready Accelerate config, as a user would launch it (CPU here: gloo)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
+            "--main_process_port", str(port), "-m", "lrqat.cli"]
+
+
+def assert_same_training(one, two, steps=4):
+    one_losses, two_losses = losses(one), losses(two)
+    assert len(one_losses) == len(two_losses) == steps
     assert one_losses == pytest.approx(two_losses, rel=1e-4)
-
-    one, two = load_quantized(tmp_path / "one" / "model"), load_quantized(tmp_path / "two" / "model")
-    for (name, a), (_, b) in zip(quant_layers(one), quant_layers(two)):
+    a_model, b_model = load_quantized(one / "model"), load_quantized(two / "model")
+    for (name, a), (_, b) in zip(quant_layers(a_model), quant_layers(b_model)):
         assert torch.equal(a.int_weight(), b.int_weight()), name
         assert torch.allclose(a.scales, b.scales, rtol=1e-5, atol=0), name
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir, text_file):
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_cli([sys.executable, "-m", "lrqat.cli", *quantize_args(tiny_model_dir, text_file, out, 4)])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "sharding", "port"), [("ddp.yaml", "ddp", 29517), ("fsdp.yaml", "fsdp", 29518)])
+def test_two_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, tiny_model_dir, text_file, one_process_run, config, sharding, port
+):
+    out = tmp_path / "two"
+    run_cli(quantize_args(tiny_model_dir, text_file, out, 2), accelerate_launcher(config, port))
+    results = json.loads((out / "results.json").read_text())
+    assert (results["processes"], results["sharding"]) == (2, sharding)
+    # FSDP: each process holds half of every parameter, Φ0 and embeddings included
+    # (buffers and padding aside); DDP: the whole model in each.
+    held, whole = results["train"]["bill_bytes"], json.loads((one_process_run / "results.json").read_text())["train"]["bill_bytes"]
+    share = 0.5 if sharding == "fsdp" else 1.0
+    for role in ("frozen_quantized_base", "frozen_other", "trainable"):
+        assert held[role] == pytest.approx(share * whole[role], rel=0.1), role
+    assert_same_training(one_process_run, out)
+
+
+@pytest.mark.slow
+def test_killed_fsdp_run_resumes_to_what_one_process_trains(tmp_path, tiny_model_dir, text_file):
+    """SIGKILL both sharded processes mid-training, relaunch with --resume: the checkpoint
+    (whole tensors, gathered from the shards) continues the same trajectory."""
+    steps, save = 30, ["--save-every", "1"]
+    one = tmp_path / "one"
+    run_cli([sys.executable, "-m", "lrqat.cli", *quantize_args(tiny_model_dir, text_file, one, 4, steps), *save])
+
+    out = tmp_path / "fsdp"
+    args = [*quantize_args(tiny_model_dir, text_file, out, 2, steps), *save]
+    launcher = accelerate_launcher("fsdp.yaml", 29519)
+    proc = subprocess.Popen([*launcher, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not metrics_reached(out, 5):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    run_cli([*args, "--resume"], launcher)
+    assert_same_training(one, out, steps)

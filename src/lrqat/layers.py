@@ -69,6 +69,13 @@ class _LRQATLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_A, grad_B, grad_s
 
 
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """A weight-sized tensor that is never trained (Φ0, a LoRA base). A frozen Parameter
+    rather than a buffer, because FSDP shards parameters and replicates buffers: this
+    is what lets each process hold only its share of the base model."""
+    return nn.Parameter(tensor, requires_grad=False)
+
+
 def lowrank_factors(
     out_features: int, in_features: int, rank: int, generator: torch.Generator | None
 ) -> tuple[nn.Parameter, nn.Parameter]:
@@ -167,7 +174,7 @@ class LRQATLinear(nn.Module):
             scales, zeros = init_params(w0, spec)
         if grid_weight is None:
             grid_weight = to_grid(w0, scales, zeros, spec)
-        self.register_buffer("phi", downcast(grid_weight, lrqat.phi, spec))
+        self.phi = frozen(downcast(grid_weight, lrqat.phi, spec))
         self.register_buffer("zeros", None if zeros is None else zeros.float().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.A, self.B = lowrank_factors(self.out_features, self.in_features, self.rank, generator)
@@ -279,7 +286,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
         self.scaling = lrqat.alpha / lrqat.rank
-        self.register_buffer("base_weight", linear.weight.detach() if base_weight is None else base_weight)
+        self.base_weight = frozen(linear.weight.detach() if base_weight is None else base_weight)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.A, self.B = lowrank_factors(self.out_features, self.in_features, lrqat.rank, generator)
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from lrqat.layers import LRQATLinear
+from lrqat.shard import local_shard
 
 
 @dataclass
@@ -30,24 +31,29 @@ class MemoryBill:
     def total(self) -> int:
         return sum(asdict(self).values())
 
+    def as_bytes(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
     def as_mb(self) -> dict[str, float]:
-        return {k: round(v / 2**20, 1) for k, v in {**asdict(self), "total": self.total}.items()}
+        return {k: round(v / 2**20, 1) for k, v in self.as_bytes().items()}
 
 
 def memory_bill(model: nn.Module) -> MemoryBill:
+    """The bill of what this process holds: for a sharded model, its shards."""
     seen: set[int] = set()
     quantized_base = other = trainable = 0
     lrqat_buffers = {id(b) for m in model.modules() if isinstance(m, LRQATLinear) for b in (m.phi, m.zeros) if b is not None}
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.data_ptr() in seen:
+        held = local_shard(tensor)
+        if held.data_ptr() in seen:
             continue
-        seen.add(tensor.data_ptr())
-        size = tensor.numel() * tensor.element_size()
+        seen.add(held.data_ptr())
+        size = held.numel() * held.element_size()
         if tensor.requires_grad:
             trainable += size
         elif id(tensor) in lrqat_buffers:
             quantized_base += size
         else:
             other += size
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_trainable = sum(local_shard(p).numel() for p in model.parameters() if p.requires_grad)
     return MemoryBill(quantized_base, other, trainable, trainable, 8 * n_trainable)

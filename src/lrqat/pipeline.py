@@ -25,6 +25,7 @@ from lrqat.export.native import save_quantized
 from lrqat.methods import TRAINED, apply_method, apply_rtn, gptq_start
 from lrqat.models import load_model
 from lrqat.report import write_results
+from lrqat.shard import fsdp_requested
 from lrqat.spec import RunSpec
 from lrqat.stream import TokenStream, stream_eval_blocks
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
@@ -160,6 +161,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
 
     if spec.method in TRAINED:
         result = train(model, data.train, data.eval, spec.train, out, fingerprint(spec), resume=resume)
+        model = result.model
         ppl_trained = evaluate(f"{spec.method} (training-time)", model)
         merge_model(model)
         ppl_merged = evaluate(f"{spec.method} merged", model)
@@ -185,9 +187,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         "rtn_tie_differences": ties,
         "trainable_params": trainable,
         "processes": procs.num_processes,
+        "sharding": "fsdp" if fsdp_requested() else "ddp" if procs.num_processes > 1 else "none",
         "distributed": str(procs.distributed_type.value),
         "train": {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
-                  "peak_rss_mb": result.peak_rss_mb, "final_loss": result.losses[-1] if result.losses else None},
+                  "peak_rss_mb": result.peak_rss_mb, "bill_bytes": result.bill_bytes,
+                  "final_loss": result.losses[-1] if result.losses else None},
         "model_dir": str(out / "model"),
     }
     if main:

@@ -14,10 +14,8 @@ import gc
 import importlib.util
 import json
 import math
-import os
 import resource
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +24,19 @@ from typing import Any
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 
 from lrqat.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
+from lrqat.memory import memory_bill
+from lrqat.shard import fsdp_requested, full_tensor, gather_model, meta_skeleton, shard_model
 from lrqat.spec import METHOD_LRS, TrainSpec
 from lrqat.stream import TokenStream
 from lrqat.surgery import trainable_groups
@@ -45,16 +51,13 @@ class TrainResult:
     seconds: float
     peak_rss_mb: float
     losses: list[float] = field(default_factory=list)
+    bill_bytes: dict[str, int] = field(default_factory=dict)  # static memory bill of one process
+    model: nn.Module | None = field(default=None, repr=False)  # the trained model, whole
 
 
 def use_cpu() -> bool:
-    """Run torch.distributed on CPU (gloo) when there is no GPU. Accelerate's CPU mode
-    has no FSDP: a request for it runs as DDP there, and we say so."""
-    if torch.cuda.is_available():
-        return False
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        warnings.warn("FSDP needs GPUs: on CPU this run uses DDP (gloo) instead.", stacklevel=2)
-    return True
+    """Run torch.distributed on CPU (gloo) when there is no GPU."""
+    return not torch.cuda.is_available()
 
 
 def process_state() -> PartialState:
@@ -129,16 +132,28 @@ def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors whole, also from a sharded model (then every process must call)."""
+    return {n: full_tensor(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(params) != set(state):
+    """Load whole tensors into a plain or sharded model (each process keeps its share)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if names != set(state):
         raise LrqatError("the checkpoint's trainable tensors do not match this model: was it written by another run?")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """AdamW state keyed by parameter name and whole (gathered to the main process when
+    sharded), so a checkpoint resumes under any number of processes, sharded or not."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state, options=options)
 
 
 class Trainer:
@@ -170,9 +185,15 @@ class Trainer:
             self.accelerator.init_trackers("tensorboard")
         if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Sharding replaces the parameters, so the optimizer is built after it.
+        self.skeleton = meta_skeleton(model) if fsdp_requested() else None
+        if self.skeleton is not None:
+            model = shard_model(model, self.accelerator.device)
         self.optimizer = build_optimizer(model, spec)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, spec))
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if self.skeleton is None:
+            model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.model = model
         self.step = 0
         self.losses: list[float] = []
         self.elapsed = 0.0
@@ -188,13 +209,25 @@ class Trainer:
     def global_batch(self) -> int:
         return self.spec.batch_size * self.spec.grad_accum * self.accelerator.num_processes
 
+    @property
+    def sharded(self) -> bool:
+        return self.skeleton is not None
+
+    def trained_model(self) -> nn.Module:
+        """The trained model as one plain module in this process (whole again if sharded)."""
+        if self.sharded:
+            return gather_model(self.model, self.skeleton)
+        return self.accelerator.unwrap_model(self.model)
+
     def save(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        trainable, optimizer = trainable_state(model), optimizer_state(model, self.optimizer)  # every process
         if not self.accelerator.is_main_process:
             return
         state = {
             "step": self.step,
-            "trainable": trainable_state(self.accelerator.unwrap_model(self.model)),
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "losses": self.losses,
             "elapsed": self.elapsed,
@@ -209,8 +242,9 @@ class Trainer:
                 f"checkpoint {self.checkpoint_path} was written by a run with other settings: "
                 "resume with the same settings, or choose a new --output."
             )
-        load_trainable_state(self.accelerator.unwrap_model(self.model), state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        model = self.accelerator.unwrap_model(self.model)
+        load_trainable_state(model, state["trainable"])
+        load_optimizer_state(model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.losses = list(state["losses"])
@@ -247,12 +281,13 @@ class Trainer:
         for i, ids in enumerate(micro):
             ids = ids.to(self.accelerator.device)
             last = i == len(micro) - 1
-            with nullcontext() if last else self.accelerator.no_sync(self.model):
+            # FSDP reduces each micro-batch's gradients (sharded, they cannot wait unreduced).
+            with nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model):
                 loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss / len(micro)
                 self.accelerator.backward(loss)
             total += loss.item()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = self.accelerator.clip_grad_norm_(params, self.spec.clip) if self.spec.clip > 0 else torch.tensor(0.0)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.clip)) if self.spec.clip > 0 else 0.0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -302,6 +337,8 @@ class Trainer:
             seconds=round(self.elapsed, 2),
             peak_rss_mb=round(peak_memory_mb(), 1),
             losses=self.losses,
+            bill_bytes=memory_bill(self.model).as_bytes(),
+            model=self.trained_model(),
         )
 
 
@@ -314,7 +351,9 @@ def train(
     fingerprint: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train in place; with `resume`, continue from the checkpoint in `out_dir`.
+    """Train `model`; with `resume`, continue from the checkpoint in `out_dir`. The
+    trained model is `result.model`: `model` itself, except under FSDP, where `model` is
+    left sharded and `result.model` is a gathered copy.
 
     `fingerprint` is any JSON-able description of the settings; a checkpoint written
     under another fingerprint is refused on resume.

@@ -1,0 +1,97 @@
+"""Fully sharded training (FSDP2): each process holds 1/N of every parameter.
+
+Sharded are the trainable `A`, `B`, `s` with their gradients and AdamW moments, and the
+frozen tensors that dominate LR-QAT's memory: Φ0 in its φ format (a frozen Parameter, see
+`layers.frozen`), embeddings, norms and head. Zero points and biases are small buffers
+and stay replicated. Wrapping policy: one FSDP unit per decoder block (the classes in
+the model's `_no_split_modules`, as Accelerate's transformer policy picks them), whose
+parameters are gathered just before the block runs and freed after it; the root unit
+holds the embeddings, final norm and head.
+
+We call torch's `fully_shard` ourselves rather than through Accelerate, whose FSDP
+exists only on GPUs: so the code CI tests on CPU processes (gloo) is the code that runs
+on GPUs (NCCL). A run asks for sharding the Accelerate way, with `accelerate launch`
+and a config whose `distributed_type` is `FSDP` (`configs/accelerate/fsdp.yaml`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+from lrqat.errors import LrqatError
+
+
+def fsdp_requested() -> bool:
+    """True under `accelerate launch` with an FSDP config, in a run of several processes."""
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    return wanted and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def block_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not classes:
+        raise LrqatError(
+            f"FSDP: cannot find the decoder blocks of {type(model).__name__} (its `_no_split_modules` "
+            "names none of its modules): run with DDP (configs/accelerate/ddp.yaml) instead."
+        )
+    return tuple(classes)
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Shard `model` in place over all processes, one unit per decoder block."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in [m for m in model.modules() if isinstance(m, block_classes(model))]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor from a shard (a collective: every process must call it), or
+    the tensor itself when it is not sharded."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `tensor`."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and saved buffers live on the meta device: its
+    structure at no memory cost, to be filled from a full state dict after training.
+    Unsaved buffers (rotary frequencies) are small and copied as they are."""
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def gather_model(sharded: nn.Module, skeleton: nn.Module) -> nn.Module:
+    """The trained model whole in every process: `skeleton` (from `meta_skeleton` before
+    sharding) filled with the all-gathered tensors of `sharded`, so merging, evaluation
+    and saving work on plain tensors. Costs one full copy per process, as before
+    sharding."""
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+    skeleton.load_state_dict(state, assign=True)
+    if hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()
+    for name, p in skeleton.named_parameters():
+        if p.is_meta:
+            raise LrqatError(f"FSDP: {name} was not restored after training (a tensor the state dict does not hold).")
+    return skeleton
