@@ -97,10 +97,14 @@ def worker(args) -> dict:
 
 
 def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int = 5) -> list[dict]:
-    """Forward+backward of one layer: LRQATLinear (each φ) vs frozen linear + LoRA."""
+    """Forward+backward of one layer: LRQATLinear (each φ; fixed8 also fused, and with the
+    dense `G = gᵀx` backward it had before the low-rank form) vs frozen linear + LoRA."""
+    import copy
+
     import torch
     from torch import nn
 
+    from lrqat import layers as lrqat_layers
     from lrqat.layers import LoRALinear, LRQATLinear
     from lrqat.spec import LRQATSpec, QuantSpec
 
@@ -114,10 +118,14 @@ def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int =
         layers = {"lora": LoRALinear(linear, LRQATSpec(rank=rank))}
         for phi in ("fixed8", "int", "bf16"):
             layers[f"lrqat-{phi}"] = LRQATLinear(linear, QuantSpec(bits=4), LRQATSpec(rank=rank, phi=phi))
+        layers["lrqat-fixed8 fused"] = copy.deepcopy(layers["lrqat-fixed8"])
+        layers["lrqat-fixed8 fused"].fused = True
+        layers["lrqat-fixed8 dense-G"] = layers["lrqat-fixed8"]
         timings = {}
         for name, layer in layers.items():
+            lrqat_layers.SPARSE_CORRECTION_MAX_DENSITY = -1.0 if name.endswith("dense-G") else 0.01
             best = float("inf")
-            for _ in range(repeats):
+            for _ in range(repeats + 1):  # the first call compiles the fused kernels
                 started = time.perf_counter()
                 layer(x).float().square().mean().backward()
                 best = min(best, time.perf_counter() - started)

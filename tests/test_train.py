@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from lrqat.checkpoint import CHECKPOINT_NAME
 from lrqat.errors import LrqatError
 from lrqat.methods import apply_lrqat
 from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
+from lrqat.surgery import lrqat_layers
 from lrqat.train import Trainer, lr_factor, step_indices, train
 
 SPEC = TrainSpec(steps=6, batch_size=2, seq_len=16, grad_accum=2, lr=0.01, lr_scales=1e-3, save_every=2, warmup=0.2)
@@ -92,3 +94,12 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
     train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT)
     with pytest.raises(LrqatError, match="other settings"):
         train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, {"test": 2}, resume=True)
+
+
+def test_fused_training_follows_the_plain_trajectory(tmp_path):
+    """`TrainSpec.fused` (--fused) switches every LR-QAT layer to the compiled kernels,
+    which train the same model."""
+    plain = train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path / "plain", FINGERPRINT)
+    fused = train(fresh_model(), blocks(), blocks()[:1], replace(SPEC, fused=True), tmp_path / "fused", FINGERPRINT)
+    assert all(layer.fused for _, layer in lrqat_layers(fused.model))
+    assert fused.losses == pytest.approx(plain.losses, rel=1e-4)

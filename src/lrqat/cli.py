@@ -47,6 +47,7 @@ _FLAG_FIELDS = {
     "max_tokens": ("train", "max_tokens"),
     "streaming": ("data", "streaming"),
     "tensorboard": ("train", "tensorboard"),
+    "fused": ("train", "fused"),
 }
 
 
@@ -125,6 +126,9 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
                    help="read and tokenise the training text lazily (corpora larger than memory)")
     q.add_argument("--max-tokens", type=int, help="train on this many tokens (sets the step count from the global batch)")
     q.add_argument("--tensorboard", action="store_true", default=None, help="also log metrics to OUTPUT/tensorboard")
+    q.add_argument("--fused", action="store_true", default=None,
+                   help="compute LR-QAT's quantized weight with torch.compile: fused kernels (Triton on GPU, C++ on "
+                        "CPU), compiled once per layer shape at the start")
     q.add_argument("--no-grad-checkpointing", action="store_true", help="keep block activations (faster, more memory)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in order, not by Hessian")
     q.add_argument("--damp", type=float, help="GPTQ: damping as a fraction of the mean Hessian diagonal (0.01)")

@@ -11,7 +11,9 @@ small trainable tensors and recomputes Ŵ from them when gradients are needed (�
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,54 +21,147 @@ from torch import nn
 
 from lrqat.downcast import downcast, fractional_bits, upcast
 from lrqat.ptq import init_params
-from lrqat.quantizer import dequantize, fake_quant, grouped, pack_ints, quantize, round_ste, to_grid, unpack_ints
+from lrqat.quantizer import (
+    dequantize,
+    dequantize_,
+    fake_quant,
+    grouped,
+    pack_ints,
+    quantize,
+    round_ste,
+    to_grid,
+    unpack_ints,
+)
 from lrqat.spec import LRQATSpec, QuantSpec
+
+SPARSE_CORRECTION_MAX_DENSITY = 0.01
+"""Above this fraction of clamped weights the low-rank backward's correction (a gather per
+clamped weight) costs more than forming `G = gᵀx` densely, and the dense form is used."""
 
 
 class _LRQATLinearFunction(torch.autograd.Function):
     """`y = x · Ŵᵀ + bias` with `Ŵ = s ⊙ (clamp(round(Φ0 + c·A·B)) − z)`, storing only
-    `x`, `A`, `B`, `s` (never Ŵ) and differentiating by hand in the backward pass.
+    `x`, `A`, `B`, `s` (and `y`) but never Ŵ, and differentiating by hand.
 
     With straight-through rounding, `∂Ŵ/∂(c·A·B) = s` where the rounded value lies on
     the grid (the clamp's pass-through mask `m`) and `∂Ŵ/∂s = q − z`. So, from
     `G = dL/dŴ = gᵀx`: `dA = c·(G⊙s⊙m)·Bᵀ`, `dB = c·Aᵀ·(G⊙s⊙m)`, `ds = Σ_group G⊙(q − z)`.
-    One recomputation of `q`, no autograd graph over weight-sized tensors.
+
+    Forming `G` is a third weight-sized matrix product that LoRA does not pay. With one
+    scale per output channel it is avoidable, exactly: writing `m = 1 − m̄`,
+    `(G⊙s⊙m)·Bᵀ = s⊙(gᵀ·(x·Bᵀ)) − (G⊙s⊙m̄)·Bᵀ` (likewise for `dB`), where the first term
+    costs what LoRA's gradients cost and the second needs `G` only where the clamp is
+    active, rarely (none of 106M weights after the benchmark's runs); and
+    `ds_i = Σ_t g_ti·y_ti / s_i` from the saved output. Per-group scales, biases
+    (`y − bias` would cancel in bf16), a zero scale, or many clamped weights take the
+    dense form. Either way: one recomputation of `q`, no autograd graph over
+    weight-sized tensors.
     """
 
     @staticmethod
     def forward(ctx, x, layer, A, B, s):
-        with torch.no_grad():
-            q, _ = layer.grid_integers(A, B)
-            weight = dequantize(q, s, layer.zeros).to(x.dtype)
+        weight = layer.kernel(quantized_weight)(*layer.weight_args(A, B, s, x.dtype))
         ctx.layer = layer
-        ctx.save_for_backward(x, A, B, s)
-        return F.linear(x, weight, layer.bias)
+        y = F.linear(x, weight, layer.bias)
+        ctx.low_rank = s.shape[1] == 1 and layer.bias is None and bool((s != 0).all())
+        ctx.save_for_backward(x, A, B, s, y if ctx.low_rank else None)
+        return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, A, B, s = ctx.saved_tensors
+        x, A, B, s, y = ctx.saved_tensors
         layer = ctx.layer
         # Weight-sized temporaries are the transient memory of this layer: at most the
         # integers, the mask and one gradient-sized buffer, updated in place.
+        need_x, need_A, need_B, need_s = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5]
+        g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        if ctx.low_rank:
+            weight, on_grid = layer.kernel(quantized_weight_and_mask)(*layer.weight_args(A, B, s, grad_out.dtype))
+            clamped = (~on_grid).nonzero(as_tuple=True)
+            del on_grid
+            if clamped[0].numel() <= SPARSE_CORRECTION_MAX_DENSITY * weight.numel():
+                grad_x = grad_out @ weight if need_x else None
+                del weight
+                grads = _low_rank_grads(g2.float(), x2.float(), y, A.float(), B.float(), s, layer.scaling, clamped,
+                                        need_A, need_B, need_s)
+                return grad_x, None, *grads
+            del weight, clamped
         q, on_grid = layer.grid_integers(A, B, with_mask=True)
-        g = q.shape[1] // s.shape[1]
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize(q, s, layer.zeros).to(grad_out.dtype)
-        G = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).float()
-        need_A, need_B, need_s = ctx.needs_input_grad[2:5]
-        grad_A = grad_B = grad_s = None
-        if need_s:
-            if layer.zeros is not None:
-                grouped(q, g).sub_(layer.zeros.unsqueeze(-1))
-            grad_s = grouped(q.mul_(G), g).sum(-1)
-        del q
-        if need_A or need_B:
-            grouped(G, g).mul_(s.unsqueeze(-1))
-            G.mul_(on_grid).mul_(layer.scaling)
-            grad_A = G @ B.float().t() if need_A else None
-            grad_B = A.float().t() @ G if need_B else None
-        return grad_x, None, grad_A, grad_B, grad_s
+        grad_x = grad_out @ dequantize(q, s, layer.zeros).to(grad_out.dtype) if need_x else None
+        return grad_x, None, *_dense_grads(g2, x2, q, on_grid, A, B, s, layer, need_A, need_B, need_s)
+
+
+def _dense_grads(g2, x2, q, on_grid, A, B, s, layer, need_A, need_B, need_s):
+    """`dA`, `dB`, `ds` from `G = gᵀx` formed in full (the general case)."""
+    g = q.shape[1] // s.shape[1]
+    G = (g2.t() @ x2).float()
+    grad_A = grad_B = grad_s = None
+    if need_s:
+        if layer.zeros is not None:
+            grouped(q, g).sub_(layer.zeros.unsqueeze(-1))
+        grad_s = grouped(q.mul_(G), g).sum(-1)
+    del q
+    if need_A or need_B:
+        grouped(G, g).mul_(s.unsqueeze(-1))
+        G.mul_(on_grid).mul_(layer.scaling)
+        grad_A = G @ B.float().t() if need_A else None
+        grad_B = A.float().t() @ G if need_B else None
+    return grad_A, grad_B, grad_s
+
+
+def _low_rank_grads(g2, x2, y, A, B, s, scaling, clamped, need_A, need_B, need_s, chunk=4096):
+    """`dA`, `dB`, `ds` for per-channel scales without forming `G` (see the class above):
+    low-rank products, minus `G`'s entries at the `clamped` (row, column) pairs."""
+    grad_s = (g2 * y.reshape(-1, y.shape[-1]).float()).sum(0).unsqueeze(1) / s if need_s else None
+    grad_A = (g2.t() @ (x2 @ B.t())).mul_(s * scaling) if need_A else None
+    grad_B = ((g2 @ (A * s)).t() @ x2).mul_(scaling) if need_B else None
+    rows, cols = clamped
+    for start in range(0, rows.numel(), chunk):
+        r, c = rows[start:start + chunk], cols[start:start + chunk]
+        G_rc = (g2[:, r] * x2[:, c]).sum(0) * s[r, 0] * scaling  # G⊙s·c where the clamp is active
+        if need_A:
+            grad_A.index_add_(0, r, B.t()[c] * G_rc.unsqueeze(1), alpha=-1)
+        if need_B:
+            grad_B.index_add_(1, c, (A[r] * G_rc.unsqueeze(1)).t(), alpha=-1)
+    return grad_A, grad_B, grad_s
+
+
+def grid_integers(
+    A: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, phi_format: str, spec: QuantSpec, scaling: float,
+    with_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`q = clamp(round(Φ0 + c·A·B))` (for φ = int: `clamp(Φ0 + round(c·A·B))`) and, if
+    asked, the mask of entries the clamp let through (where the straight-through
+    gradient flows). Weight-sized passes are what LR-QAT's step costs over LoRA, so
+    they are done in place, and `fixed8` codes are added without a float copy."""
+    v = torch.mm(A.float(), B.float()).mul_(scaling)
+    if phi_format == "int":
+        v.round_().add_(upcast(phi, phi_format, spec))
+    elif phi_format == "fixed8":
+        v.add_(phi, alpha=2.0 ** -fractional_bits(spec)).add_(spec.qmin).round_()
+    else:
+        v.add_(phi).round_()
+    on_grid = (v >= spec.qmin).logical_and_(v <= spec.qmax) if with_mask else None
+    return v.clamp_(spec.qmin, spec.qmax), on_grid
+
+
+def quantized_weight(A, B, phi, s, zeros, phi_format, spec, scaling, dtype) -> torch.Tensor:
+    """Ŵ in the compute dtype (LRQATLinear.weight_args lists the arguments)."""
+    q, _ = grid_integers(A, B, phi, phi_format, spec, scaling)
+    return dequantize_(q, s, zeros).to(dtype)
+
+
+def quantized_weight_and_mask(A, B, phi, s, zeros, phi_format, spec, scaling, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ŵ in the compute dtype and the clamp's pass-through mask, for the backward pass."""
+    q, on_grid = grid_integers(A, B, phi, phi_format, spec, scaling, with_mask=True)
+    return dequantize_(q, s, zeros).to(dtype), on_grid
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """`fn` compiled by torch.compile: its weight-sized passes fused into one kernel per
+    function (C++/OpenMP on CPU, Triton on GPU). Compiled once per shape and φ format."""
+    return torch.compile(fn, dynamic=False)
 
 
 def frozen(tensor: torch.Tensor) -> nn.Parameter:
@@ -168,6 +263,7 @@ class LRQATLinear(nn.Module):
         self.phi_format = lrqat.phi
         self.rank = lrqat.rank
         self.scaling = lrqat.alpha / lrqat.rank
+        self.fused = False  # True: Ŵ's weight-sized passes run as one compiled kernel (`compiled`)
         self.out_features, self.in_features = linear.weight.shape
         w0 = linear.weight.detach().float()
         if scales is None:
@@ -185,20 +281,18 @@ class LRQATLinear(nn.Module):
         return upcast(self.phi, self.phi_format, self.spec)
 
     def grid_integers(self, A: torch.Tensor, B: torch.Tensor, with_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`q = clamp(round(Φ0 + c·A·B))` (for φ = int: `clamp(Φ0 + round(c·A·B))`) and, if
-        asked, the mask of entries the clamp let through (where the straight-through
-        gradient flows). Weight-sized passes are what LR-QAT's step costs over LoRA, so
-        they are done in place, and `fixed8` codes are added without a float copy."""
+        """This layer's `q` (and pass-through mask) for the given `A`, `B`: see `grid_integers`."""
         with torch.no_grad():
-            v = torch.mm(A.float(), B.float()).mul_(self.scaling)
-            if self.phi_format == "int":
-                v.round_().add_(self.base())
-            elif self.phi_format == "fixed8":
-                v.add_(self.phi, alpha=2.0 ** -fractional_bits(self.spec)).add_(self.spec.qmin).round_()
-            else:
-                v.add_(self.phi).round_()
-            on_grid = (v >= self.spec.qmin).logical_and_(v <= self.spec.qmax) if with_mask else None
-            return v.clamp_(self.spec.qmin, self.spec.qmax), on_grid
+            return grid_integers(A, B, self.phi, self.phi_format, self.spec, self.scaling, with_mask)
+
+    def kernel(self, fn: Callable) -> Callable:
+        """`fn` as this layer runs it: compiled when `fused`, plain PyTorch otherwise (the
+        reference, and the fallback where no compiler is available)."""
+        return compiled(fn) if self.fused else fn
+
+    def weight_args(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """The arguments of `quantized_weight` and `quantized_weight_and_mask` for this layer."""
+        return A, B, self.phi, s, self.zeros, self.phi_format, self.spec, self.scaling, dtype
 
     def reference_weight(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Ŵ through plain autograd (straight-through rounding): the specification the

@@ -43,11 +43,17 @@ def quantize(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: Qua
 def dequantize(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
     """`s ⊙ (q − z)` with per-group broadcasting. Training and the merged layer both call
     this one function, which is what makes the merged model bit-exact."""
-    g = q.shape[1] // s.shape[1]
-    qg = grouped(q, g)
+    return dequantize_(q.clone(), s, z)
+
+
+def dequantize_(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+    """`dequantize` in place, for a float `q` the caller no longer needs (the same
+    operations in the same order: the same bits)."""
+    qg = grouped(q, q.shape[1] // s.shape[1])
     if z is not None:
-        qg = qg - z.unsqueeze(-1)
-    return (qg * s.unsqueeze(-1)).reshape(q.shape)
+        qg.sub_(z.unsqueeze(-1))
+    qg.mul_(s.unsqueeze(-1))
+    return q
 
 
 def fake_quant(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:

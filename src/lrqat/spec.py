@@ -134,6 +134,8 @@ class TrainSpec:
     max_tokens: int | None = None
     # also log the metrics to TensorBoard (OUTPUT/tensorboard)
     tensorboard: bool = False
+    # compute LR-QAT's quantized weight with torch.compile (fused kernels; compiles per shape)
+    fused: bool = False
 
     def steps_for(self, processes: int) -> int:
         """Optimizer steps of this run: `steps`, or enough to train on `max_tokens`."""

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from lrqat.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
+from lrqat.layers import LRQATLinear
 from lrqat.memory import memory_bill
 from lrqat.shard import fsdp_requested, full_tensor, gather_model, meta_skeleton, shard_model
 from lrqat.spec import METHOD_LRS, TrainSpec
@@ -185,6 +186,9 @@ class Trainer:
             self.accelerator.init_trackers("tensorboard")
         if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.modules():
+            if isinstance(layer, LRQATLinear):
+                layer.fused = spec.fused
         # Sharding replaces the parameters, so the optimizer is built after it.
         self.skeleton = meta_skeleton(model) if fsdp_requested() else None
         if self.skeleton is not None:
