@@ -33,7 +33,7 @@ SHAPES = {
     "llama-1b": (2048, 8192, 16, 32, 8, 128256),
     "llama-7b": (4096, 11008, 32, 32, 32, 32000),
 }
-VARIANTS = ("lrqat-fixed8", "lrqat-int", "lrqat-bf16", "lrqat-fp32", "lora", "qat", "peqa")
+VARIANTS = ("lrqat-fixed8", "lrqat-fixed8+fused", "lrqat-int", "lrqat-bf16", "lrqat-fp32", "lora", "qat", "peqa")
 
 
 def build(shape: str, layers: int, dtype: str):
@@ -64,7 +64,8 @@ def worker(args) -> dict:
     model = build(args.shapes, args.layers, args.dtype)
     device = next(model.parameters()).device
     quant = QuantSpec(bits=4, symmetric=True, group_size=None, init="minmax")
-    method, _, phi = args.worker.partition("-")
+    variant, _, option = args.worker.partition("+")  # "+fused": --fused
+    method, _, phi = variant.partition("-")
     lrqat = LRQATSpec(rank=args.rank, phi=phi or "fixed8")
     if method == "lora":
         apply_lora(model, lrqat)
@@ -74,9 +75,9 @@ def worker(args) -> dict:
     bill = memory_bill(model)
     blocks = torch.randint(0, model.config.vocab_size, (args.batch_size * (args.steps + 1), args.seq_len))
     spec = TrainSpec(steps=args.steps + 1, batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4, lr_scales=1e-5,
-                     warmup=0.0, save_every=0, eval_every=0)
+                     warmup=0.0, save_every=0, eval_every=0, fused=option == "fused")
     trainer = Trainer(model, blocks, blocks[:1], spec, Path(args.tmp), {})
-    trainer.train_step()  # warm-up: allocator pools, optimizer state
+    trainer.train_step()  # warm-up: allocator pools, optimizer state, compiling (fused)
     trainer.step += 1
     reset_peak_memory()
     times = []

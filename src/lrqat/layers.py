@@ -36,7 +36,8 @@ from lrqat.spec import LRQATSpec, QuantSpec
 
 SPARSE_CORRECTION_MAX_DENSITY = 0.01
 """Above this fraction of clamped weights the low-rank backward's correction (a gather per
-clamped weight) costs more than forming `G = gᵀx` densely, and the dense form is used."""
+clamped weight) costs more than forming `G = gᵀx` densely, and the dense form is used.
+A negative value always takes the dense form (for comparisons)."""
 
 
 class _LRQATLinearFunction(torch.autograd.Function):
@@ -63,7 +64,8 @@ class _LRQATLinearFunction(torch.autograd.Function):
         weight = layer.kernel(quantized_weight)(*layer.weight_args(A, B, s, x.dtype))
         ctx.layer = layer
         y = F.linear(x, weight, layer.bias)
-        ctx.low_rank = s.shape[1] == 1 and layer.bias is None and bool((s != 0).all())
+        ctx.low_rank = (SPARSE_CORRECTION_MAX_DENSITY >= 0 and s.shape[1] == 1 and layer.bias is None
+                        and bool((s != 0).all()))
         ctx.save_for_backward(x, A, B, s, y if ctx.low_rank else None)
         return y
 
