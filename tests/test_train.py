@@ -103,3 +103,12 @@ def test_fused_training_follows_the_plain_trajectory(tmp_path):
     fused = train(fresh_model(), blocks(), blocks()[:1], replace(SPEC, fused=True), tmp_path / "fused", FINGERPRINT)
     assert all(layer.fused for _, layer in lrqat_layers(fused.model))
     assert fused.losses == pytest.approx(plain.losses, rel=1e-4)
+
+
+def test_checkpoint_of_an_older_format_is_refused_clearly(tmp_path):
+    train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    state["optimizer"]["state"] = {0: {}}  # keyed by position, as before checkpoints named tensors
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(LrqatError, match="older lrqat"):
+        train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT, resume=True)

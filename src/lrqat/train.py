@@ -153,6 +153,9 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    if any(not isinstance(key, str) for key in state.get("state", {})):
+        raise LrqatError("this checkpoint was written by an older lrqat (optimizer state by position, not by name): "
+                         "start the run again in a new --output.")
     options = StateDictOptions(full_state_dict=True)
     set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state, options=options)
 
