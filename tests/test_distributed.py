@@ -97,3 +97,25 @@ def test_killed_fsdp_run_resumes_to_what_one_process_trains(tmp_path, tiny_model
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
     run_cli([*args, "--resume"], launcher)
     assert_same_training(one, out, steps)
+
+
+@pytest.mark.slow
+def test_two_machines_match_one_process(tmp_path, tiny_model_dir, text_file, one_process_run):
+    """Multi-node as a user launches it (one `accelerate launch` per machine, rendezvous at
+    the first machine's address), here as two "machines" on localhost sharing a disk."""
+    out = tmp_path / "nodes"
+    args = quantize_args(tiny_model_dir, text_file, out, 2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = [[sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
+                  "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", "29520", "-m", "lrqat.cli", *args]
+                 for rank in (0, 1)]
+    logs = [tmp_path / f"machine{rank}.log" for rank in (0, 1)]  # files, not pipes: neither may block the other
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=env)
+             for cmd, log in zip(launchers, logs)]
+    for node, log in zip(nodes, logs):
+        node.wait(timeout=600)
+        assert node.returncode == 0, log.read_text()[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert (results["processes"], results["sharding"]) == (2, "ddp")
+    assert_same_training(one_process_run, out)
