@@ -119,3 +119,16 @@ def test_two_machines_match_one_process(tmp_path, tiny_model_dir, text_file, one
     results = json.loads((out / "results.json").read_text())
     assert (results["processes"], results["sharding"]) == (2, "ddp")
     assert_same_training(one_process_run, out)
+
+
+@pytest.mark.slow
+def test_fsdp_with_bf16_and_packed_phi_trains_what_one_process_trains(tmp_path, tiny_model_dir, text_file):
+    """With --dtype bf16 --phi int a sharded unit mixes bf16 (frozen floats), fp32 (A, B, s)
+    and uint8 (Φ0, two 4-bit integers per byte) parameters; FSDP keeps each as it is."""
+    bf16 = ["--dtype", "bf16", "--phi", "int"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_cli([sys.executable, "-m", "lrqat.cli", *quantize_args(tiny_model_dir, text_file, one, 4), *bf16])
+    run_cli([*quantize_args(tiny_model_dir, text_file, two, 2), *bf16], accelerate_launcher("fsdp.yaml", 29521))
+    assert losses(one) == pytest.approx(losses(two), rel=1e-3)
+    for (name, a), (_, b) in zip(quant_layers(load_quantized(one / "model")), quant_layers(load_quantized(two / "model"))):
+        assert (a.int_weight() == b.int_weight()).float().mean() > 0.999, name
