@@ -72,11 +72,11 @@ def worker(args) -> dict:
     else:
         apply_method(method, model, quant, lrqat, init_ranges(model, quant, lrqat.targets))
     model.to(device)
-    bill = memory_bill(model)
     blocks = torch.randint(0, model.config.vocab_size, (args.batch_size * (args.steps + 1), args.seq_len))
     spec = TrainSpec(steps=args.steps + 1, batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4, lr_scales=1e-5,
                      warmup=0.0, save_every=0, eval_every=0, fused=option == "fused")
     trainer = Trainer(model, blocks, blocks[:1], spec, Path(args.tmp), {})
+    bill = memory_bill(trainer.model)  # what this process holds (its shards, under FSDP)
     trainer.train_step()  # warm-up: allocator pools, optimizer state, compiling (fused)
     trainer.step += 1
     reset_peak_memory()
@@ -94,7 +94,8 @@ def worker(args) -> dict:
     return {"variant": args.worker, "shape": args.shapes, "peak_mb": round(peak - libraries_mb, 1),
             "peak_process_mb": round(peak, 1), "libraries_mb": round(libraries_mb, 1),
             "step_s": round(min(times), 3), "bill_mb": bill.as_mb(),
-            "tokens_per_s": round(args.batch_size * args.seq_len / min(times), 1)}
+            "tokens_per_s": round(args.batch_size * args.seq_len / min(times), 1),
+            "process": trainer.accelerator.process_index, "processes": trainer.accelerator.num_processes}
 
 
 def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int = 5) -> list[dict]:
@@ -176,11 +177,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--micro-tokens", type=int, default=512, help="tokens in the per-layer benchmark (0 skips it)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--report", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", default="runs/memory_speed", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         args.layers = int(args.layers)
-        print(json.dumps(worker(args)))
+        report = worker(args)
+        if args.report:  # one file per process: the lines of several processes would interleave on stdout
+            Path(args.report).mkdir(parents=True, exist_ok=True)
+            (Path(args.report) / f"process{report['process']}.json").write_text(json.dumps(report))
+        else:
+            print(json.dumps(report))
         return
 
     depth = dict(item.split("=") for item in args.layers.split(",")) if "=" in args.layers else {}
