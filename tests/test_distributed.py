@@ -1,5 +1,6 @@
 """Two processes (torch.distributed on CPU, gloo) train what one process trains."""
 
+import contextlib
 import json
 import os
 import signal
@@ -33,6 +34,14 @@ def run_cli(args, launcher=(), timeout=600):
     done = subprocess.run([*launcher, *args], capture_output=True, text=True, env=env, timeout=timeout, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def process_tree(pid):
+    """`pid` and all its descendants (Linux). torch's launcher starts each worker in a new
+    session, so killing the launcher's process group would leave the workers running."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = children.read_text().split() if children.exists() else []
+    return [pid] + [p for kid in kids for p in process_tree(int(kid))]
 
 
 def accelerate_launcher(config, port):
@@ -88,14 +97,18 @@ def test_killed_fsdp_run_resumes_to_what_one_process_trains(tmp_path, tiny_model
     args = [*quantize_args(tiny_model_dir, text_file, out, 2, steps), *save]
     launcher = accelerate_launcher("fsdp.yaml", 29519)
     proc = subprocess.Popen([*launcher, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 300
     while time.time() < deadline and not metrics_reached(out, 5):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in reversed(process_tree(proc.pid)):  # every worker and the launcher, as a machine failure would
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    killed_at = len(losses(out))
     run_cli([*args, "--resume"], launcher)
+    assert 5 <= killed_at < steps
     assert_same_training(one, out, steps)
 
 
