@@ -61,11 +61,10 @@ class _LRQATLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer, A, B, s):
-        weight = layer.kernel(quantized_weight)(*layer.weight_args(A, B, s, x.dtype))
+        weight, _ = layer.weight(A, B, s, x.dtype)
         ctx.layer = layer
         y = F.linear(x, weight, layer.bias)
-        ctx.low_rank = (SPARSE_CORRECTION_MAX_DENSITY >= 0 and s.shape[1] == 1 and layer.bias is None
-                        and bool((s != 0).all()))
+        ctx.low_rank = SPARSE_CORRECTION_MAX_DENSITY >= 0 and s.shape[1] == 1 and layer.bias is None
         ctx.save_for_backward(x, A, B, s, y if ctx.low_rank else None)
         return y
 
@@ -77,8 +76,8 @@ class _LRQATLinearFunction(torch.autograd.Function):
         # integers, the mask and one gradient-sized buffer, updated in place.
         need_x, need_A, need_B, need_s = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:5]
         g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
-        if ctx.low_rank:
-            weight, on_grid = layer.kernel(quantized_weight_and_mask)(*layer.weight_args(A, B, s, grad_out.dtype))
+        if ctx.low_rank and bool((s != 0).all()):  # `ds` divides by s
+            weight, on_grid = layer.weight(A, B, s, grad_out.dtype, with_mask=True)
             clamped = (~on_grid).nonzero(as_tuple=True)
             del on_grid
             if clamped[0].numel() <= SPARSE_CORRECTION_MAX_DENSITY * weight.numel():
@@ -147,15 +146,12 @@ def grid_integers(
     return v.clamp_(spec.qmin, spec.qmax), on_grid
 
 
-def quantized_weight(A, B, phi, s, zeros, phi_format, spec, scaling, dtype) -> torch.Tensor:
-    """Ŵ in the compute dtype (LRQATLinear.weight_args lists the arguments)."""
-    q, _ = grid_integers(A, B, phi, phi_format, spec, scaling)
-    return dequantize_(q, s, zeros).to(dtype)
-
-
-def quantized_weight_and_mask(A, B, phi, s, zeros, phi_format, spec, scaling, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ŵ in the compute dtype and the clamp's pass-through mask, for the backward pass."""
-    q, on_grid = grid_integers(A, B, phi, phi_format, spec, scaling, with_mask=True)
+def quantized_weight(
+    A: torch.Tensor, B: torch.Tensor, phi: torch.Tensor, s: torch.Tensor, zeros: torch.Tensor | None, phi_format: str,
+    spec: QuantSpec, scaling: float, dtype: torch.dtype, with_mask: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ŵ in the compute dtype and, if asked, the clamp's pass-through mask (`grid_integers`)."""
+    q, on_grid = grid_integers(A, B, phi, phi_format, spec, scaling, with_mask)
     return dequantize_(q, s, zeros).to(dtype), on_grid
 
 
@@ -287,14 +283,13 @@ class LRQATLinear(nn.Module):
         with torch.no_grad():
             return grid_integers(A, B, self.phi, self.phi_format, self.spec, self.scaling, with_mask)
 
-    def kernel(self, fn: Callable) -> Callable:
-        """`fn` as this layer runs it: compiled when `fused`, plain PyTorch otherwise (the
-        reference, and the fallback where no compiler is available)."""
-        return compiled(fn) if self.fused else fn
-
-    def weight_args(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> tuple:
-        """The arguments of `quantized_weight` and `quantized_weight_and_mask` for this layer."""
-        return A, B, self.phi, s, self.zeros, self.phi_format, self.spec, self.scaling, dtype
+    def weight(
+        self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor, dtype: torch.dtype, with_mask: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`quantized_weight` for this layer: compiled when `fused`, plain PyTorch otherwise
+        (the reference, and the fallback where no compiler is available)."""
+        fn = compiled(quantized_weight) if self.fused else quantized_weight
+        return fn(A, B, self.phi, s, self.zeros, self.phi_format, self.spec, self.scaling, dtype, with_mask)
 
     def reference_weight(self, A: torch.Tensor, B: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """Ŵ through plain autograd (straight-through rounding): the specification the

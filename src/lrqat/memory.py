@@ -42,7 +42,7 @@ def memory_bill(model: nn.Module) -> MemoryBill:
     """The bill of what this process holds: for a sharded model, its shards."""
     seen: set[int] = set()
     quantized_base = other = trainable = 0
-    lrqat_buffers = {id(b) for m in model.modules() if isinstance(m, LRQATLinear) for b in (m.phi, m.zeros) if b is not None}
+    quantized_base_ids = {id(b) for m in model.modules() if isinstance(m, LRQATLinear) for b in (m.phi, m.zeros) if b is not None}
     for tensor in [*model.parameters(), *model.buffers()]:
         held = local_shard(tensor)
         if held.data_ptr() in seen:
@@ -51,7 +51,7 @@ def memory_bill(model: nn.Module) -> MemoryBill:
         size = held.numel() * held.element_size()
         if tensor.requires_grad:
             trainable += size
-        elif id(tensor) in lrqat_buffers:
+        elif id(tensor) in quantized_base_ids:
             quantized_base += size
         else:
             other += size

@@ -227,9 +227,12 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def save(self) -> None:
+        main = self.accelerator.is_main_process
+        if not (main or self.sharded):  # gathering shards needs every process; a replica, only the main one
+            return
         model = self.accelerator.unwrap_model(self.model)
-        trainable, optimizer = trainable_state(model), optimizer_state(model, self.optimizer)  # every process
-        if not self.accelerator.is_main_process:
+        trainable, optimizer = trainable_state(model), optimizer_state(model, self.optimizer)
+        if not main:
             return
         state = {
             "step": self.step,
