@@ -16,25 +16,25 @@ from lrqat.export.formats import export, merged_model_dir
 from lrqat.export.gguf_llama import rotary_permutation
 from lrqat.export.native import load_quantized, save_quantized
 from lrqat.export.tensors import quant_layers
-from lrqat.methods import apply_method
+from lrqat.methods import DEFAULT_TARGETS, apply_method
 from lrqat.spec import LRQATSpec, QuantSpec
 from lrqat.surgery import init_ranges, merge_model
 
 LR = LRQATSpec(rank=4)
-W4_SYM = QuantSpec(bits=4, symmetric=True, group_size=None, init="minmax")
-W4_G32_ASYM = QuantSpec(bits=4, symmetric=False, group_size=32, init="minmax")
-W8_G64_SYM = QuantSpec(bits=8, symmetric=True, group_size=64, init="minmax")
-W3_G32_ASYM = QuantSpec(bits=3, symmetric=False, group_size=32, init="minmax")
+W4_SYM = QuantSpec(bits=4, symmetric=True, group_size=None)
+W4_G32_ASYM = QuantSpec(bits=4, symmetric=False, group_size=32)
+W8_G64_SYM = QuantSpec(bits=8, symmetric=True, group_size=64)
+W3_G32_ASYM = QuantSpec(bits=3, symmetric=False, group_size=32)
 
 
 def merged_run(folder, tiny_model_dir, spec: QuantSpec):
     """A merged LR-QAT model whose integers moved away from RTN (random A), saved as a run."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    apply_method("lrqat", model, spec, LR, init_ranges(model, spec, LR.targets), seed=0)
+    apply_method("lrqat", model, spec, LR, init_ranges(model, spec, DEFAULT_TARGETS, "minmax"), seed=0)
     torch.manual_seed(1)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and p.dim() == 2 and p.shape[1] == LR.rank:  # A starts at zero
+        for name, p in model.named_parameters():
+            if name.endswith(".A"):  # A starts at zero (selected by name: a scale tensor can be (out, rank) too)
                 p.normal_(0, 0.5)
     merge_model(model)
     save_quantized(model, AutoTokenizer.from_pretrained(tiny_model_dir), folder / "model", spec)
@@ -167,8 +167,8 @@ def test_hf_dequantized_is_a_plain_float_model_computing_the_same(tmp_path, tiny
 
 @pytest.mark.parametrize(("spec", "message"), [
     (W3_G32_ASYM, "no lossless GGUF block type"),
-    (QuantSpec(bits=8, symmetric=False, group_size=32, init="minmax"), "no lossless GGUF block type"),
-    (QuantSpec(bits=4, symmetric=True, group_size=16, init="minmax"), "not a multiple of 32"),
+    (QuantSpec(bits=8, symmetric=False, group_size=32), "no lossless GGUF block type"),
+    (QuantSpec(bits=4, symmetric=True, group_size=16), "not a multiple of 32"),
 ])
 def test_gguf_refuses_settings_it_cannot_hold_exactly(tmp_path, tiny_model_dir, spec, message):
     run = merged_run(tmp_path, tiny_model_dir, spec)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lrqat.data import prepare_data
+from lrqat.blocks import prepare_data
 from lrqat.evaluate import llama_cpp_perplexity, perplexity
 from lrqat.export.formats import export
 from lrqat.export.native import load_quantized
@@ -23,7 +23,7 @@ def real_run(tmp_path_factory):
     spec = RunSpec(
         model="smollm2-135m",
         output=str(out),
-        quant=QuantSpec(bits=4, symmetric=True, group_size=None, init="minmax"),
+        quant=QuantSpec(bits=4, symmetric=True, group_size=None),
         lrqat=LRQATSpec(rank=16, phi="fixed8"),
         train=TrainSpec(steps=4, batch_size=2, seq_len=128, lr=2e-3, lr_scales=1e-4, warmup=0.0, save_every=0),
         data=DataSpec(source="brown", eval_context=256, eval_tokens=1024),
@@ -36,11 +36,11 @@ def real_run(tmp_path_factory):
 
 def test_lrqat_beats_rtn_on_the_real_model_and_merge_is_exact(real_run):
     out, results, blocks = real_run
-    ppl = results["ppl"]
+    ppl = results.ppl
     assert ppl["float"] < ppl["ptq"]
     assert ppl["lrqat_merged"] < ppl["ptq"]
     assert abs(ppl["lrqat_merged"] - ppl["lrqat"]) / ppl["lrqat"] <= 1e-3
-    assert results["eval_tokens"] == 4 * 255 and results["context"] == 256
+    assert results.eval_tokens == 4 * 255 and results.context == 256
     reloaded = load_quantized(out / "model")
     assert perplexity(reloaded, blocks).ppl == pytest.approx(ppl["lrqat_merged"], rel=1e-6)
 
@@ -53,7 +53,7 @@ def test_transformers_runs_the_compressed_tensors_export_of_the_real_model(real_
     with torch.no_grad():
         a, b = ours(blocks[:1]).logits, theirs(blocks[:1]).logits
     assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-3
-    assert perplexity(theirs, blocks).ppl == pytest.approx(results["ppl"]["lrqat_merged"], rel=1e-3)
+    assert perplexity(theirs, blocks).ppl == pytest.approx(results.ppl["lrqat_merged"], rel=1e-3)
     assert report["bits_per_quantized_weight"] < 4.1
 
 
@@ -68,6 +68,6 @@ def test_gguf_export_of_the_real_model_is_read_back_exactly_and_runs_in_llama_cp
     for name, layer in quant_layers(ours):
         expected = layer.int_weight() * layer.scales.half().float()  # per-channel: scales (out, 1)
         assert torch.equal(state[f"{name}.weight"], expected)
-    ppl_ours = results["ppl"]["lrqat_merged"]
+    ppl_ours = results.ppl["lrqat_merged"]
     assert perplexity(theirs, blocks).ppl == pytest.approx(ppl_ours, rel=5e-3)
     assert llama_cpp_perplexity(report["path"], blocks).ppl == pytest.approx(ppl_ours, rel=0.02)

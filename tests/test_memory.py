@@ -3,22 +3,22 @@
 import pytest
 
 from lrqat.memory import memory_bill
-from lrqat.methods import apply_lora, apply_method
+from lrqat.methods import DEFAULT_TARGETS, apply_lora, apply_method
 from lrqat.spec import LRQATSpec, QuantSpec
 from lrqat.surgery import find_targets, init_ranges
 
-SPEC = QuantSpec(bits=4, group_size=None, init="minmax")
+SPEC = QuantSpec(bits=4, group_size=None)
 
 
 def target_weights(model) -> int:
-    return sum(linear.weight.numel() for _, linear in find_targets(model, LRQATSpec().targets))
+    return sum(linear.weight.numel() for _, linear in find_targets(model, DEFAULT_TARGETS))
 
 
 @pytest.mark.parametrize(("phi", "bytes_per_weight"), [("fixed8", 1.0), ("int", 0.5), ("bf16", 2.0), ("fp32", 4.0)])
 def test_phi_formats_cost_what_they_promise(tiny_model, phi, bytes_per_weight):
     n = target_weights(tiny_model)
     lrqat = LRQATSpec(rank=4, phi=phi)
-    apply_method("lrqat", tiny_model, SPEC, lrqat, init_ranges(tiny_model, SPEC, lrqat.targets))
+    apply_method("lrqat", tiny_model, SPEC, lrqat, init_ranges(tiny_model, SPEC, DEFAULT_TARGETS, "minmax"))
     bill = memory_bill(tiny_model)
     assert bill.frozen_quantized_base == int(n * bytes_per_weight)  # symmetric: no zero points
     assert bill.gradients == bill.trainable and bill.adam_state == 2 * bill.trainable
@@ -30,8 +30,8 @@ def test_full_qat_pays_sixteen_bytes_per_weight_lrqat_a_fraction(tiny_model):
     n = target_weights(tiny_model)
     qat, lrqat, lora = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model), tiny_model
     spec = LRQATSpec(rank=4)
-    apply_method("qat", qat, SPEC, spec, init_ranges(qat, SPEC, spec.targets))
-    apply_method("lrqat", lrqat, SPEC, spec, init_ranges(lrqat, SPEC, spec.targets))
+    apply_method("qat", qat, SPEC, spec, init_ranges(qat, SPEC, DEFAULT_TARGETS, "minmax"))
+    apply_method("lrqat", lrqat, SPEC, spec, init_ranges(lrqat, SPEC, DEFAULT_TARGETS, "minmax"))
     apply_lora(lora, spec)
     qat_bill, lrqat_bill, lora_bill = memory_bill(qat), memory_bill(lrqat), memory_bill(lora)
     assert qat_bill.trainable + qat_bill.gradients + qat_bill.adam_state >= 16 * n

@@ -3,33 +3,36 @@ import copy
 import pytest
 import torch
 
-from lrqat.layers import LRQATLinear, NaiveLoRALinear, QATLinear, QuantLinear
-from lrqat.methods import apply_method, gptq_start
-from lrqat.ptq import collect_hessians, gptq_quantize, lp_search_params
+from lrqat.gptq import collect_hessians, gptq_quantize
+from lrqat.layers import LRQATLinear, NaiveLoRALinear, PEQALinear, QATLinear, QuantLinear
+from lrqat.methods import DEFAULT_TARGETS, apply_method, gptq_start
 from lrqat.quantizer import dequantize, quantize
-from lrqat.spec import LRQATSpec, QuantSpec
+from lrqat.ranges import lp_search_params
+from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
 from lrqat.surgery import find_targets, init_ranges, merge_model
+from lrqat.trainer import build_optimizer
 
-SPEC = QuantSpec(bits=4, group_size=16, init="minmax")
+SPEC = QuantSpec(bits=4, group_size=16)
 LR = LRQATSpec(rank=4)
 # which parameter names each method trains (last component of the name)
 TRAINS = {"rtn": set(), "gptq": set(), "peqa": {"s"}, "naive-lora": {"A", "B"}, "qat": {"weight", "s"},
           "lrqat": {"A", "B", "s"}}
-LAYER = {"rtn": QuantLinear, "gptq": QuantLinear, "peqa": LRQATLinear, "naive-lora": NaiveLoRALinear,
+LAYER = {"rtn": QuantLinear, "gptq": QuantLinear, "peqa": PEQALinear, "naive-lora": NaiveLoRALinear,
          "qat": QATLinear, "lrqat": LRQATLinear}
 
 
 def prepared(model, method):
-    ranges = init_ranges(model, SPEC, LR.targets)
+    ranges = init_ranges(model, SPEC, DEFAULT_TARGETS, "minmax")
     integers = None
     if method == "gptq":
-        integers = gptq_start(model, SPEC, LR.targets, ranges, torch.randint(0, 128, (4, 32)))
-    return apply_method(method, model, SPEC, LR, ranges, integers=integers)
+        integers = gptq_start(model, SPEC, DEFAULT_TARGETS, ranges, torch.randint(0, 128, (4, 32)))
+    return apply_method(method, model, SPEC, LR, ranges, integers=integers, init="minmax")
 
 
 def train_steps(model, steps=4):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=0.02)
+    """Large steps on the main tensors by the trainer's optimizer; the scales at a rate
+    that keeps them positive (merge refuses non-positive scales)."""
+    opt = build_optimizer(model, TrainSpec(lr=0.02, lr_scales=1e-4))
     for _ in range(steps):
         ids = torch.randint(0, 128, (2, 16))
         model(input_ids=ids, labels=ids).loss.backward()
@@ -109,7 +112,7 @@ def test_gptq_reconstructs_a_layer_better_than_rtn(spec, act_order):
 
 
 def test_hessians_are_collected_from_the_layer_inputs(tiny_model):
-    targets = find_targets(tiny_model, LR.targets)[:1]
+    targets = find_targets(tiny_model, DEFAULT_TARGETS)[:1]
     calib = torch.randint(0, 128, (3, 8))
     seen = []
     handle = targets[0][1].register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
@@ -128,8 +131,8 @@ def find_targets_any(model):
 @pytest.mark.parametrize("phi", ["fixed8", "int"])
 def test_lrqat_from_gptq_starts_exactly_at_the_gptq_model(tiny_model, phi):
     """--init gptq: Φ0 = GPTQ's integers, s0 = its scales, so step 0 is the GPTQ model."""
-    ranges = init_ranges(tiny_model, SPEC, LR.targets)
-    integers = gptq_start(tiny_model, SPEC, LR.targets, ranges, torch.randint(0, 128, (4, 32)))
+    ranges = init_ranges(tiny_model, SPEC, DEFAULT_TARGETS, "minmax")
+    integers = gptq_start(tiny_model, SPEC, DEFAULT_TARGETS, ranges, torch.randint(0, 128, (4, 32)))
     gptq_model = apply_method("gptq", copy.deepcopy(tiny_model), SPEC, LR, ranges, integers=integers)
     lrqat_model = apply_method("lrqat", tiny_model, SPEC, LRQATSpec(rank=4, phi=phi), ranges, integers=integers)
     for (name, a), (_, b) in zip(find_targets_any(gptq_model), find_targets_any(lrqat_model)):

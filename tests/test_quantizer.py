@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lrqat.ptq import lp_search_params, minmax_params
 from lrqat.quantizer import dequantize, fake_quant, pack_ints, quantize, round_ste, unpack_ints
+from lrqat.ranges import lp_search_params, minmax_params
 from lrqat.spec import QuantSpec
 
 SPECS = [QuantSpec(bits=b, symmetric=sym, group_size=g) for b in (2, 3, 4, 8) for sym in (True, False) for g in (None, 16)]

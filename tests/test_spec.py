@@ -4,7 +4,7 @@ import pytest
 
 from lrqat.cli import build_parser, parse_granularity, spec_from_args
 from lrqat.errors import LrqatError
-from lrqat.spec import QuantSpec, RunSpec
+from lrqat.spec import PTQSpec, QuantSpec, RunSpec
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 
@@ -20,11 +20,9 @@ def test_recipe_sets_the_spec_and_flags_override_it():
 
 
 def test_method_default_learning_rates_unless_given():
-    lrqat = parse()
-    lrqat.validate()
+    lrqat = parse().resolve().spec
     assert (lrqat.train.lr, lrqat.train.lr_scales) == (3e-3, 1e-4)
-    qat = parse("--method", "qat", "--lr", "2e-5")
-    qat.validate()
+    qat = parse("--method", "qat", "--lr", "2e-5").resolve().spec
     assert (qat.train.lr, qat.train.lr_scales) == (2e-5, 1e-4)
 
 
@@ -42,7 +40,70 @@ def test_bad_granularity_and_keys_are_named():
         RunSpec(method="awq").validate()
 
 
-@pytest.mark.parametrize("bad", [{"bits": 1}, {"bits": 9}, {"group_size": 0}, {"init": "mse"}, {"damp": 1.5}])
-def test_quant_spec_rejects_bad_values(bad):
+@pytest.mark.parametrize(("section", "bad"), [(QuantSpec, {"bits": 1}), (QuantSpec, {"bits": 9}),
+                                              (QuantSpec, {"group_size": 0}), (PTQSpec, {"init": "mse"}),
+                                              (PTQSpec, {"damp": 1.5})])
+def test_quant_spec_rejects_bad_values(section, bad):
     with pytest.raises(LrqatError):
-        QuantSpec(**bad).validate()
+        section(**bad).validate()
+
+
+def test_validate_only_checks_and_resolve_fills_defaults_once():
+    spec = RunSpec(method="qat")
+    before = spec.to_dict()
+    spec.validate()
+    assert spec.to_dict() == before  # validate changes nothing
+    run = spec.resolve(processes=2)
+    assert spec.to_dict() == before  # nor does resolve: it returns a resolved copy
+    assert (run.spec.train.lr, run.spec.train.lr_scales) == (1e-4, 1e-4)
+    assert run.method.name == "qat" and run.global_batch == 2 * spec.train.batch_size
+    assert "output" not in run.fingerprint and "export" not in run.fingerprint
+
+
+def test_token_budget_sets_the_step_count_at_resolve():
+    from lrqat.spec import TrainSpec
+
+    spec = RunSpec(train=TrainSpec(batch_size=2, seq_len=32, max_tokens=300))
+    assert spec.resolve(processes=1).spec.train.steps == 5  # ceil(300 / 64)
+    assert spec.resolve(processes=2).spec.train.steps == 3  # ceil(300 / 128)
+
+
+@pytest.mark.parametrize("field", ["lr", "lr_scales", "clip", "warmup"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_settings_are_refused(field, value):
+    from lrqat.spec import TrainSpec
+
+    with pytest.raises(LrqatError, match="finite"):
+        RunSpec(train=TrainSpec(**{field: value})).validate()
+
+
+def test_non_finite_alpha_is_refused():
+    from lrqat.spec import LRQATSpec
+
+    with pytest.raises(LrqatError, match="alpha"):
+        RunSpec(lrqat=LRQATSpec(alpha=float("nan"))).validate()
+
+
+@pytest.mark.parametrize(("raw", "where"), [({"quant": {"init": "lp"}}, "ptq"), ({"lrqat": {"targets": "x"}}, "the top level"),
+                                            ({"train": {"fused": True}}, "lrqat"), ({"data": {"calib_tokens": 8}}, "ptq")])
+def test_recipe_keys_that_moved_say_where_they_went(raw, where):
+    with pytest.raises(LrqatError, match=f"now under {where}"):
+        RunSpec.from_dict(raw)
+
+
+def test_bad_target_pattern_and_export_format_are_refused_early():
+    with pytest.raises(LrqatError, match="regular expression"):
+        RunSpec(targets="(").validate()
+    with pytest.raises(LrqatError, match="unknown export format onnx"):
+        RunSpec(export=["onnx"]).validate()
+
+
+def test_a_merged_model_of_the_older_layout_still_reads_its_grid(tmp_path):
+    """quantization.json once held the PTQ options beside the grid; a consumer needs the grid."""
+    import json
+
+    from lrqat.export.native import read_grid
+
+    (tmp_path / "quantization.json").write_text(json.dumps({"quant": {
+        "bits": 3, "symmetric": False, "group_size": 32, "init": "lp", "act_order": True, "damp": 0.01}}))
+    assert read_grid(tmp_path) == QuantSpec(bits=3, symmetric=False, group_size=32)

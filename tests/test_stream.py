@@ -7,11 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lrqat.data as data_module
+from lrqat.blocks import TokenStream, stream_eval_blocks
 from lrqat.data import is_eval_document
 from lrqat.methods import apply_lrqat
 from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
-from lrqat.stream import TokenStream, stream_eval_blocks
-from lrqat.train import train
+from lrqat.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,9 @@ def test_eval_documents_never_reach_training(corpus, tokenizer):
 def test_streamed_training_resumes_on_the_same_trajectory(tmp_path, corpus, tokenizer, tiny_model_dir):
     def run(out, steps, resume):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-        apply_lrqat(model, QuantSpec(bits=4, group_size=32, init="minmax"), LRQATSpec(rank=4))
+        apply_lrqat(model, QuantSpec(bits=4, group_size=32), LRQATSpec(rank=4), init="minmax")
         # constant schedule: a 2-step run is then the first half of the 4-step run
-        spec = TrainSpec(steps=steps, batch_size=2, seq_len=32, lr=1e-2, warmup=0.0, schedule="constant", save_every=2)
+        spec = TrainSpec(steps=steps, batch_size=2, seq_len=32, lr=1e-2, lr_scales=1e-4, warmup=0.0, schedule="constant", save_every=2)
         stream = TokenStream(tokenizer, str(corpus), 32, 0.1, shuffle_buffer=8)
         return train(model, stream, stream_eval_blocks(tokenizer, str(corpus), 64, 256, 0.1), spec, out,
                      resume=resume).losses

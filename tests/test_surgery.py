@@ -4,22 +4,23 @@ import torch
 from lrqat.errors import LrqatError
 from lrqat.export.native import load_quantized, save_quantized
 from lrqat.layers import LRQATLinear, QuantLinear
-from lrqat.methods import apply_lrqat, apply_rtn
-from lrqat.spec import LRQATSpec, QuantSpec
+from lrqat.methods import DEFAULT_TARGETS, apply_lrqat, apply_rtn
+from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
 from lrqat.surgery import find_targets, merge_model, trainable_groups
+from lrqat.trainer import build_optimizer
 
-SPEC = QuantSpec(bits=4, group_size=16, init="minmax")
+SPEC = QuantSpec(bits=4, group_size=16)
 LR = LRQATSpec(rank=4)
 
 
 def test_finds_the_seven_linears_of_each_llama_block(tiny_model):
-    names = [n for n, _ in find_targets(tiny_model, LR.targets)]
+    names = [n for n, _ in find_targets(tiny_model, DEFAULT_TARGETS)]
     assert len(names) == 7 * 2
     assert not any("lm_head" in n or "embed" in n for n in names)
 
 
 def test_lrqat_swaps_targets_and_freezes_everything_else(tiny_model):
-    apply_lrqat(tiny_model, SPEC, LR)
+    apply_lrqat(tiny_model, SPEC, LR, init="minmax")
     layers = [m for m in tiny_model.modules() if isinstance(m, LRQATLinear)]
     assert len(layers) == 14
     trainable = {n.rsplit(".", 1)[-1] for n, p in tiny_model.named_parameters() if p.requires_grad}
@@ -31,7 +32,7 @@ def test_lrqat_swaps_targets_and_freezes_everything_else(tiny_model):
 
 
 def test_model_gradients_reach_only_adapters_and_scales(tiny_model):
-    apply_lrqat(tiny_model, SPEC, LR)
+    apply_lrqat(tiny_model, SPEC, LR, init="minmax")
     for layer in tiny_model.modules():
         if isinstance(layer, LRQATLinear):
             layer.A.data.normal_(std=0.1)
@@ -51,12 +52,12 @@ def test_group_size_that_does_not_divide_is_refused_by_layer_name(tiny_model):
 
 def test_unmatched_pattern_is_refused(tiny_model):
     with pytest.raises(LrqatError, match="no linear layer"):
-        apply_lrqat(tiny_model, SPEC, LRQATSpec(targets="nothing_matches_this"))
+        apply_lrqat(tiny_model, SPEC, LR, targets="nothing_matches_this", init="minmax")
 
 
 def test_merged_model_equals_training_model_and_survives_save_and_load(tiny_model, tmp_path):
-    apply_lrqat(tiny_model, SPEC, LR)
-    opt = torch.optim.Adam([p for p in tiny_model.parameters() if p.requires_grad], lr=0.02)
+    apply_lrqat(tiny_model, SPEC, LR, init="minmax")
+    opt = build_optimizer(tiny_model, TrainSpec(lr=0.02, lr_scales=1e-4))  # scales stay positive
     for _ in range(4):
         ids = torch.randint(0, 128, (2, 16))
         tiny_model(input_ids=ids, labels=ids).loss.backward()
@@ -75,7 +76,7 @@ def test_merged_model_equals_training_model_and_survives_save_and_load(tiny_mode
 
 
 def test_rtn_model_uses_integer_layers(tiny_model):
-    apply_rtn(tiny_model, SPEC, LR.targets)
+    apply_rtn(tiny_model, SPEC, DEFAULT_TARGETS, init="minmax")
     layer = tiny_model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantLinear) and layer.qweight.dtype == torch.uint8
 

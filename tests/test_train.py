@@ -1,24 +1,24 @@
 import json
-from dataclasses import replace
 
 import pytest
 import torch
 
 from conftest import tiny_llama
+from lrqat.blocks import PackedBlocks, step_indices
 from lrqat.checkpoint import CHECKPOINT_NAME
 from lrqat.errors import LrqatError
 from lrqat.methods import apply_lrqat
 from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
 from lrqat.surgery import lrqat_layers
-from lrqat.train import Trainer, lr_factor, step_indices, train
+from lrqat.trainer import Trainer, lr_factor, train
 
 SPEC = TrainSpec(steps=6, batch_size=2, seq_len=16, grad_accum=2, lr=0.01, lr_scales=1e-3, save_every=2, warmup=0.2)
 FINGERPRINT = {"test": 1}
 
 
-def fresh_model():
+def fresh_model(fused=False):
     model = tiny_llama()
-    return apply_lrqat(model, QuantSpec(bits=4, group_size=16, init="minmax"), LRQATSpec(rank=4), seed=0)
+    return apply_lrqat(model, QuantSpec(bits=4, group_size=16), LRQATSpec(rank=4, fused=fused), seed=0, init="minmax")
 
 
 def blocks():
@@ -48,7 +48,7 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
     model = fresh_model()
     spec = TrainSpec(steps=15, batch_size=4, seq_len=16, lr=0.02, lr_scales=1e-3, eval_every=5)
     data = torch.randint(0, 128, (4, 16)).repeat(5, 1)  # a small repeated set the model can fit
-    result = train(model, data, data[:2], spec, tmp_path, FINGERPRINT)
+    result = train(model, PackedBlocks(data), data[:2], spec, tmp_path, FINGERPRINT)
     assert result.steps == 15 and result.tokens == 15 * 4 * 16
     assert result.losses[-1] < result.losses[0]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -59,7 +59,7 @@ def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
 
 def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
     reference = fresh_model()
-    train(reference, blocks(), blocks()[:1], SPEC, tmp_path / "full", FINGERPRINT)
+    train(reference, PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path / "full", FINGERPRINT)
 
     calls = {"n": 0}
     original = Trainer.train_step
@@ -72,11 +72,11 @@ def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
     with pytest.raises(LrqatError, match="--resume"):
-        train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path / "cut", FINGERPRINT)
+        train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path / "cut", FINGERPRINT)
     monkeypatch.setattr(Trainer, "train_step", original)
 
     resumed = fresh_model()
-    result = train(resumed, blocks(), blocks()[:1], SPEC, tmp_path / "cut", FINGERPRINT, resume=True)
+    result = train(resumed, PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path / "cut", FINGERPRINT, resume=True)
     assert result.steps == SPEC.steps
     for name, value in trained_state(reference).items():
         torch.testing.assert_close(trained_state(resumed)[name], value, rtol=1e-5, atol=1e-6)
@@ -87,28 +87,28 @@ def test_interrupted_run_resumes_on_the_same_trajectory(tmp_path, monkeypatch):
 def test_corrupt_checkpoint_is_reported_clearly(tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(LrqatError, match="corrupt or unreadable"):
-        train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT, resume=True)
+        train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path, FINGERPRINT, resume=True)
 
 
 def test_checkpoint_of_other_settings_is_refused(tmp_path):
-    train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT)
+    train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path, FINGERPRINT)
     with pytest.raises(LrqatError, match="other settings"):
-        train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, {"test": 2}, resume=True)
+        train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path, {"test": 2}, resume=True)
 
 
 def test_fused_training_follows_the_plain_trajectory(tmp_path):
-    """`TrainSpec.fused` (--fused) switches every LR-QAT layer to the compiled kernels,
+    """`LRQATSpec.fused` (--fused) switches every LR-QAT layer to the compiled kernels,
     which train the same model."""
-    plain = train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path / "plain", FINGERPRINT)
-    fused = train(fresh_model(), blocks(), blocks()[:1], replace(SPEC, fused=True), tmp_path / "fused", FINGERPRINT)
+    plain = train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path / "plain", FINGERPRINT)
+    fused = train(fresh_model(fused=True), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path / "fused", FINGERPRINT)
     assert all(layer.fused for _, layer in lrqat_layers(fused.model))
     assert fused.losses == pytest.approx(plain.losses, rel=1e-4)
 
 
 def test_checkpoint_of_an_older_format_is_refused_clearly(tmp_path):
-    train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT)
+    train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path, FINGERPRINT)
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
     state["optimizer"]["state"] = {0: {}}  # keyed by position, as before checkpoints named tensors
     torch.save(state, tmp_path / CHECKPOINT_NAME)
     with pytest.raises(LrqatError, match="older lrqat"):
-        train(fresh_model(), blocks(), blocks()[:1], SPEC, tmp_path, FINGERPRINT, resume=True)
+        train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path, FINGERPRINT, resume=True)

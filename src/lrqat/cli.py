@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
@@ -12,8 +11,9 @@ from typing import Any
 import yaml
 
 from lrqat.errors import LrqatError
-from lrqat.export.formats import FORMATS as EXPORT_FORMATS
-from lrqat.spec import DTYPES, METHODS, PHI_FORMATS, RANGE_INITS, SCHEDULES, RunSpec, parse_choices
+from lrqat.methods import METHODS
+from lrqat.phi import PHI_FORMATS
+from lrqat.spec import DTYPES, EXPORT_FORMATS, PTQ_INITS, SCHEDULES, RunSpec, parse_choices
 
 # flag name → (section, field) of RunSpec
 _FLAG_FIELDS = {
@@ -21,17 +21,18 @@ _FLAG_FIELDS = {
     "output": (None, "output"),
     "method": (None, "method"),
     "dtype": (None, "dtype"),
-    "calib_tokens": ("data", "calib_tokens"),
-    "damp": ("quant", "damp"),
+    "targets": (None, "targets"),
+    "calib_tokens": ("ptq", "calib_tokens"),
+    "damp": ("ptq", "damp"),
     "data": ("data", "source"),
     "eval_context": ("data", "eval_context"),
     "eval_tokens": ("data", "eval_tokens"),
     "bits": ("quant", "bits"),
-    "init": ("quant", "init"),
+    "init": ("ptq", "init"),
     "phi": ("lrqat", "phi"),
     "rank": ("lrqat", "rank"),
     "alpha": ("lrqat", "alpha"),
-    "targets": ("lrqat", "targets"),
+    "fused": ("lrqat", "fused"),
     "steps": ("train", "steps"),
     "batch_size": ("train", "batch_size"),
     "seq_len": ("train", "seq_len"),
@@ -47,7 +48,6 @@ _FLAG_FIELDS = {
     "max_tokens": ("train", "max_tokens"),
     "streaming": ("data", "streaming"),
     "tensorboard": ("train", "tensorboard"),
-    "fused": ("train", "fused"),
 }
 
 
@@ -63,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     q = sub.add_parser("quantize", help="float → RTN → LR-QAT → merged integer model, with a report")
-    q.add_argument("--method", choices=METHODS, help="quantization method (default lrqat)")
+    q.add_argument("--method", choices=list(METHODS), help="quantization method (default lrqat)")
     add_run_flags(q)
     q.add_argument("--resume", action="store_true", help="continue the run in --output from its checkpoint")
-    q.add_argument("--export", default="", help=f"comma-separated export formats to write after the run ({', '.join(EXPORT_FORMATS)})")
+    q.add_argument("--export", help=f"comma-separated export formats to write after the run ({', '.join(EXPORT_FORMATS)})")
 
     c = sub.add_parser("compare", help="run several methods on equal terms; write compare.json/.md/.png")
     c.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
@@ -102,9 +102,9 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with zero points")
     q.add_argument("--granularity", help="'channel' (one scale per output channel) or 'group' / 'g128' (per group)")
     q.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
-    q.add_argument("--init", choices=RANGE_INITS,
+    q.add_argument("--init", choices=PTQ_INITS,
                    help="PTQ start: minmax or lp (p=4 grid search) ranges, or gptq (lp ranges + GPTQ integers)")
-    q.add_argument("--phi", choices=PHI_FORMATS, help="storage of the frozen base Φ0 (default fixed8)")
+    q.add_argument("--phi", choices=list(PHI_FORMATS), help="storage of the frozen base Φ0 (default fixed8)")
     q.add_argument("--rank", type=int, help="rank r of the adapter A·B")
     q.add_argument("--alpha", type=float, help="adapter scaling numerator: C = (alpha/r)·A·B")
     q.add_argument("--targets", help="regex of the linear layers to quantize")
@@ -159,15 +159,16 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
             raw[name] = value
         else:
             raw.setdefault(section, {})[name] = value
-    quant = raw.setdefault("quant", {})
     if args.symmetric is not None:
-        quant["symmetric"] = args.symmetric
+        raw.setdefault("quant", {})["symmetric"] = args.symmetric
     if args.granularity is not None or args.group_size is not None:
-        quant["group_size"] = parse_granularity(args.granularity, args.group_size)
+        raw.setdefault("quant", {})["group_size"] = parse_granularity(args.granularity, args.group_size)
     if args.no_grad_checkpointing:
         raw.setdefault("train", {})["grad_checkpointing"] = False
     if args.no_act_order:
-        quant["act_order"] = False
+        raw.setdefault("ptq", {})["act_order"] = False
+    if getattr(args, "export", None):
+        raw["export"] = parse_choices(args.export, EXPORT_FORMATS, "export format")
     return RunSpec.from_dict(raw)
 
 
@@ -184,53 +185,44 @@ def parse_granularity(granularity: str | None, group_size: int | None) -> int | 
     raise LrqatError(f"unknown granularity {granularity!r}: use 'channel', 'group' (with --group-size N) or 'gN'.")
 
 
-def run_exports(run: Path, formats: list[str], output: Path | None) -> int:
-    from lrqat.export.formats import export_many
-
-    for report in export_many(run, formats, output):
+def print_exports(reports: list[dict[str, Any]]) -> None:
+    for report in reports:
         print(json.dumps(report, indent=2))
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "setup":
-            from lrqat.setup import setup
+            from lrqat.prepare import prepare
 
-            setup()
+            prepare()
             return 0
         if args.command == "export":
-            return run_exports(args.run, parse_choices(args.format, EXPORT_FORMATS, "export format"), args.output)
+            from lrqat.export.formats import export_many
+
+            print_exports(export_many(args.run, parse_choices(args.format, EXPORT_FORMATS, "export format"), args.output))
+            return 0
         if args.command == "generate":
             from lrqat.generate import generate
 
             print(generate(args.run, args.prompt, args.max_new_tokens, args.temperature, args.chat, args.seed))
             return 0
         spec = spec_from_args(args)
-        formats = parse_choices(args.export, EXPORT_FORMATS, "export format") if args.command == "quantize" and args.export else []
-        if "gguf" in formats:
-            from lrqat.export.gguf_llama import block_type_for
-
-            block_type_for(spec.quant)  # refuse before hours of training, not after
         if args.command == "compare":
             from lrqat.compare import run_compare
 
-            methods = parse_choices(args.methods, METHODS, "method(s)")
-            copy.deepcopy(spec).validate()
-            summary = run_compare(spec, methods)
+            summary = run_compare(spec, parse_choices(args.methods, list(METHODS), "method(s)"))
             print(json.dumps({m: round(v["ppl"], 3) for m, v in summary["methods"].items()}, indent=2))
             return 0
-        spec.validate()
         from lrqat.pipeline import run_quantize
+        from lrqat.runtime import process_state
 
         results = run_quantize(spec, resume=args.resume)
-        from lrqat.train import process_state
-
-        if not process_state().is_main_process:  # one process of `accelerate launch` reports and exports
-            return 0
-        print(json.dumps({"ppl": results["ppl"], "gap_recovered": results["gap_recovered"]}, indent=2))
-        return run_exports(Path(spec.output), formats, None) if formats else 0
+        if process_state().is_main_process:  # one process of `accelerate launch` reports
+            print(json.dumps({"ppl": results.ppl, "gap_recovered": results.gap_recovered}, indent=2))
+            print_exports(results.exports)
+        return 0
     except LrqatError as err:
         print(f"lrqat: error: {err}", file=sys.stderr)
         return 2

@@ -18,7 +18,8 @@ import yaml
 
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
-from lrqat.report import METHOD_NAMES
+from lrqat.methods import METHODS
+from lrqat.rundir import RunDir, RunResult, gap_recovered
 from lrqat.spec import RunSpec
 
 SHARED_STAGES = ("ppl_float", "ppl_rtn")
@@ -26,54 +27,53 @@ SHARED_STAGES = ("ppl_float", "ppl_rtn")
 
 def run_compare(spec: RunSpec, methods: list[str], log: Any = print) -> dict[str, Any]:
     """Run `methods` one after another under `spec.output`; write compare.json/.md/.png."""
-    out = Path(spec.output)
-    out.mkdir(parents=True, exist_ok=True)
+    spec.validate()
+    out = RunDir(spec.output)
+    out.root.mkdir(parents=True, exist_ok=True)
     shared: dict[str, Any] = {}
     rows = {}
     for method in methods:
-        run_dir = out / method
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run = out.method_run(method)
+        run.root.mkdir(parents=True, exist_ok=True)
         raw = json.loads(json.dumps(spec.to_dict()))
-        raw.update(method=method, output=str(run_dir))
-        recipe = run_dir / "recipe.yaml"
+        raw.update(method=method, output=str(run.root), export=[])
+        recipe = run.root / "recipe.yaml"
         atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
-        stages = run_dir / "stages.json"
-        if shared and not stages.exists():
-            atomic_write_text(stages, json.dumps(shared))
+        if shared and not run.stages.exists():
+            run.write_stages(shared)
         log(f"== {method} ==")
         proc = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--recipe", str(recipe), "--resume"],
                               check=False)
         if proc.returncode != 0:
             raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
         if not shared:
-            done = json.loads(stages.read_text())
+            done = run.read_stages()
             shared = {k: done[k] for k in SHARED_STAGES if k in done}
-        rows[method] = json.loads((run_dir / "results.json").read_text())
+        rows[method] = run.read_result()
     summary = summarize(rows)
-    atomic_write_text(out / "compare.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "compare.md", render_compare(summary))
-    plot_compare(summary, out, out / "compare.png")
+    atomic_write_text(out.compare_json, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out.compare_md, render_compare(summary))
+    plot_compare(summary, out, out.compare_png)
     return summary
 
 
-def summarize(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: dict[str, RunResult]) -> dict[str, Any]:
     first = next(iter(rows.values()))
-    ppl_float, ppl_rtn = first["ppl"]["float"], first["ppl"]["rtn"]
+    ppl_float, ppl_rtn = first.ppl["float"], first.ppl["rtn"]
     methods = {}
     for method, r in rows.items():
-        ppl = r["ppl"][f"{method}_merged"]
         methods[method] = {
-            "ppl": ppl,
-            "ppl_training_time": r["ppl"][method],
-            "gap_recovered": (ppl_rtn - ppl) / (ppl_rtn - ppl_float) if ppl_rtn != ppl_float else None,
-            "train_seconds": r["train"]["seconds"],
-            "train_tokens": r["train"]["tokens"],
-            "peak_memory_mb": r["train"]["peak_rss_mb"],
-            "trainable_params": r["trainable_params"],
+            "ppl": r.ppl_merged,
+            "ppl_training_time": r.ppl[method],
+            "gap_recovered": gap_recovered(ppl_float, ppl_rtn, r.ppl_merged),
+            "train_seconds": r.train["seconds"],
+            "train_tokens": r.train["tokens"],
+            "peak_memory_mb": r.train["peak_rss_mb"],
+            "trainable_params": r.trainable_params,
         }
     return {
-        "model": first["model"], "data": first["data"], "spec": {k: first["spec"][k] for k in ("quant", "lrqat", "train")},
-        "eval_tokens": first["eval_tokens"], "context": first["context"],
+        "model": first.model, "data": first.data, "spec": {k: first.spec[k] for k in ("quant", "ptq", "lrqat", "train")},
+        "eval_tokens": first.eval_tokens, "context": first.context,
         "ppl_float": ppl_float, "ppl_rtn": ppl_rtn, "methods": methods,
     }
 
@@ -93,13 +93,13 @@ def render_compare(s: dict[str, Any]) -> str:
     for method, m in s["methods"].items():
         gap = "n/a" if m["gap_recovered"] is None else f"{m['gap_recovered']:.3f}"
         lines.append(
-            f"| {METHOD_NAMES[method]} | {m['ppl']:.3f} | {m['ppl_training_time']:.3f} | {gap} | "
+            f"| {METHODS[method].label} | {m['ppl']:.3f} | {m['ppl_training_time']:.3f} | {gap} | "
             f"{m['train_seconds']:.0f} | {m['train_tokens']} | {m['peak_memory_mb']:.0f} | {m['trainable_params']:,} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def plot_compare(s: dict[str, Any], out: Path, path: Path) -> None:
+def plot_compare(s: dict[str, Any], out: RunDir, path: Path) -> None:
     """Perplexity and peak memory per method, and the training-loss curves."""
     import matplotlib
 
@@ -115,9 +115,8 @@ def plot_compare(s: dict[str, Any], out: Path, path: Path) -> None:
     axes[1].bar(names, [s["methods"][m]["peak_memory_mb"] for m in names], color="tab:orange")
     axes[1].set_title("peak memory (MB)")
     for method in names:
-        metrics = out / method / "metrics.jsonl"
-        if metrics.exists():
-            records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = out.method_run(method).read_metrics()
+        if records:
             axes[2].plot([r["step"] for r in records], [r["loss"] for r in records], label=method)
     axes[2].set_title("training loss")
     axes[2].set_xlabel("step")

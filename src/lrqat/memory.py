@@ -4,16 +4,23 @@ LR-QAT's promise is that the frozen weight costs 1 byte (`fixed8`) or half a byt
 per weight and only the small `A`, `B`, `s` carry gradients and AdamW state; full QAT
 pays fp32 weight + gradient + two moments (16 bytes per weight). This module adds up the
 static part of that bill from the model itself, so the benchmark can set it beside the
-measured peak (the rest is activations and transient buffers).
+measured peak (the rest is activations and transient buffers). The measured side lives
+here too: this process's resident memory and its peak over a window.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
+import resource
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import torch
 from torch import nn
 
-from lrqat.layers import LRQATLinear
+from lrqat.layers import HoldsQuantizedBase
 from lrqat.shard import local_shard
 
 
@@ -42,7 +49,8 @@ def memory_bill(model: nn.Module) -> MemoryBill:
     """The bill of what this process holds: for a sharded model, its shards."""
     seen: set[int] = set()
     quantized_base = other = trainable = 0
-    quantized_base_ids = {id(b) for m in model.modules() if isinstance(m, LRQATLinear) for b in (m.phi, m.zeros) if b is not None}
+    quantized_base_ids = {id(t) for m in model.modules() if isinstance(m, HoldsQuantizedBase)
+                          for t in m.frozen_quantized_base()}
     for tensor in [*model.parameters(), *model.buffers()]:
         held = local_shard(tensor)
         if held.data_ptr() in seen:
@@ -57,3 +65,35 @@ def memory_bill(model: nn.Module) -> MemoryBill:
             other += size
     n_trainable = sum(local_shard(p).numel() for p in model.parameters() if p.requires_grad)
     return MemoryBill(quantized_base, other, trainable, trainable, 8 * n_trainable)
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window, so training is measured without the loading and
+    baseline evaluations before it (Linux: writing 5 to clear_refs resets VmHWM)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is what is live
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def process_memory_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (`VmRSS` now, `VmHWM` peak)
+    in MiB, or None where the file does not exist (not Linux)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process since the last reset (CPU), or peak
+    allocated GPU memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    peak = process_memory_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

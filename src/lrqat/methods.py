@@ -1,4 +1,5 @@
-"""The quantization methods lrqat can run, all on the same primitives and evaluation.
+"""The method table: every quantization method lrqat runs, one `Method` record each,
+all on the same primitives, range setting and evaluation.
 
 | method | trains | merged model |
 |---|---|---|
@@ -8,95 +9,154 @@
 | `naive-lora` | float LoRA beside a fake-quantized base | base + A·B re-quantized (lossy merge) |
 | `qat` | every weight and scale (LSQ-style) | round(W/s) with learned scales |
 | `lrqat` | A, B inside the rounding, and scales | clamp(round(Φ0 + A·B)) with learned scales |
+
+Adding a method is one `Method` entry here (`register`) and its layer class in
+`layers/`: the CLI's choices, the learning-rate defaults, the report's names and
+`lrqat compare` all read this table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from lrqat.layers import LoRALinear, LRQATLinear, NaiveLoRALinear, QATLinear, QuantLinear
-from lrqat.ptq import gptq_integers
-from lrqat.spec import LRQATSpec, QuantSpec
+from lrqat.gptq import gptq_integers
+from lrqat.layers import LoRALinear, LRQATLinear, NaiveLoRALinear, PEQALinear, QATLinear, QuantLinear
 from lrqat.surgery import RangeParams, check_targets, find_targets, freeze, init_ranges, replace_module
 
-TRAINED = ("peqa", "naive-lora", "qat", "lrqat")
+if TYPE_CHECKING:
+    from lrqat.spec import LRQATSpec, QuantSpec
+
+DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+@dataclass(frozen=True)
+class LayerStart:
+    """What a method's layer is built from: the float layer, the grid, the adapter
+    settings, its range-init scales/zero points, and optionally integers chosen by GPTQ."""
+
+    linear: nn.Linear
+    quant: QuantSpec
+    adapter: LRQATSpec | None  # None for methods without an adapter
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    integers: torch.Tensor | None
+    generator: torch.Generator
+    init: str  # the range setting, for layers that set ranges again when merging
+
+
+@dataclass(frozen=True)
+class Method:
+    """One quantization method.
+
+    `lr`/`lr_scales` are its default AdamW learning rates for `main` tensors (A/B, or
+    the weights) and for the scales, sized for short budgets: LR-QAT's were tuned on the
+    built-in model (README); the baselines share its scale rate, and their main rates
+    move a float weight by a fraction of a grid step in tens of steps, as LR-QAT's
+    adapter does. `--lr` / `--lr-scales` override them.
+    """
+
+    name: str
+    label: str  # how reports name it
+    trains: str  # what it trains, in words
+    build: Callable[[LayerStart], nn.Module]
+    trained: bool = True
+    lr: float = 0.0
+    lr_scales: float = 0.0
+    calibrated: bool = False  # needs GPTQ's integers (calibration data) to build its layers
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add `method` to the table (its name must be new)."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+def _integer_layer(start: LayerStart) -> nn.Module:
+    return QuantLinear.from_linear(start.linear, start.quant, start.scales, start.zeros, q=start.integers)
+
+
+register(Method("rtn", "RTN", "nothing", _integer_layer, trained=False))
+register(Method("gptq", "GPTQ", "nothing (calibration data)", _integer_layer, trained=False, calibrated=True))
+register(Method("peqa", "PEQA", "scales", lambda t: PEQALinear(t.linear, t.quant, t.scales, t.zeros, t.integers),
+                lr_scales=1e-4))
+register(Method("naive-lora", "naive LoRA-QAT", "float A, B beside a fake-quantized base",
+                lambda t: NaiveLoRALinear(t.linear, t.quant, t.adapter, t.scales, t.zeros, t.generator, t.init),
+                lr=3e-4))
+register(Method("qat", "full QAT", "every weight and scale", lambda t: QATLinear(t.linear, t.quant, t.scales, t.zeros),
+                lr=1e-4, lr_scales=1e-4))
+register(Method("lrqat", "LR-QAT", "A, B inside the rounding, and scales",
+                lambda t: LRQATLinear(t.linear, t.quant, t.adapter, t.scales, t.zeros, grid_weight=t.integers,
+                                      generator=t.generator),
+                lr=3e-3, lr_scales=1e-4))
 
 
 def apply_method(
     method: str,
     model: nn.Module,
     quant: QuantSpec,
-    lrqat: LRQATSpec,
+    adapter: LRQATSpec | None,
     ranges: RangeParams,
     seed: int = 0,
     integers: dict[str, torch.Tensor] | None = None,
+    targets: str = DEFAULT_TARGETS,
+    init: str = "lp",
 ) -> nn.Module:
     """Freeze `model` and swap its targets for the layers of `method`, in place.
 
     `integers` (from GPTQ) replace rounding as the integer start of `rtn`/`gptq`,
-    `peqa` and `lrqat` (Φ0 = the GPTQ integers).
+    `peqa` and `lrqat` (Φ0 = the GPTQ integers). The seed fixes the random init of
+    every adapter, so a rebuilt model (on resume, or in another process) starts identical.
     """
-    targets = check_targets(model, quant, lrqat.targets)
+    build = METHODS[method].build
+    found = check_targets(model, quant, targets)
     freeze(model)
     generator = torch.Generator().manual_seed(seed)
-    for name, linear in targets:
+    for name, linear in found:
         s0, z0 = ranges[name]
         grid = None if integers is None else integers[name]
-        replace_module(model, name, _layer(method, linear, quant, lrqat, s0, z0, grid, generator))
+        replace_module(model, name, build(LayerStart(linear, quant, adapter, s0, z0, grid, generator, init)))
     return model
 
 
-def _layer(method: str, linear: nn.Linear, quant: QuantSpec, lrqat: LRQATSpec, s0: torch.Tensor,
-           z0: torch.Tensor | None, grid: torch.Tensor | None, generator: torch.Generator) -> nn.Module:
-    if method in ("rtn", "gptq"):
-        return QuantLinear.from_linear(linear, quant, s0, z0, q=grid)
-    if method == "lrqat":
-        return LRQATLinear(linear, quant, lrqat, s0, z0, grid_weight=grid, generator=generator)
-    if method == "peqa":
-        layer = LRQATLinear(linear, quant, LRQATSpec(rank=1, phi="int", targets=lrqat.targets), s0, z0,
-                            grid_weight=grid, generator=generator)
-        layer.A.requires_grad_(False)
-        layer.B.requires_grad_(False)
-        return layer
-    if method == "qat":
-        return QATLinear(linear, quant, s0, z0)
-    if method == "naive-lora":
-        return NaiveLoRALinear(linear, quant, lrqat, s0, z0, generator=generator)
-    raise ValueError(f"unknown method {method!r}")
-
-
-def gptq_start(model: nn.Module, quant: QuantSpec, pattern: str, ranges: RangeParams,
-               calib_blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+def gptq_start(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib_blocks: torch.Tensor,
+               damp: float = 0.01, act_order: bool = True) -> dict[str, torch.Tensor]:
     """GPTQ integers for every target of the float `model`."""
-    targets = check_targets(model, quant, pattern)
-    return gptq_integers(model, targets, ranges, quant, calib_blocks, damp=quant.damp, act_order=quant.act_order)
+    found = check_targets(model, quant, targets)
+    return gptq_integers(model, found, ranges, quant, calib_blocks, damp=damp, act_order=act_order)
 
 
 def apply_lrqat(
     model: nn.Module, quant: QuantSpec, lrqat: LRQATSpec, seed: int = 0, ranges: RangeParams | None = None,
-    integers: dict[str, torch.Tensor] | None = None,
+    integers: dict[str, torch.Tensor] | None = None, targets: str = DEFAULT_TARGETS, init: str = "lp",
 ) -> nn.Module:
-    """Freeze the model and swap every target linear for an `LRQATLinear`, in place.
-
-    The seed fixes the random init of every `B`, so a rebuilt model (on resume, or in
-    another process) starts identical.
-    """
-    ranges = ranges if ranges is not None else init_ranges(model, quant, lrqat.targets)
-    return apply_method("lrqat", model, quant, lrqat, ranges, seed, integers)
+    """Freeze the model and swap every target linear for an `LRQATLinear`, in place
+    (ranges by `init` unless given)."""
+    ranges = ranges if ranges is not None else init_ranges(model, quant, targets, init)
+    return apply_method("lrqat", model, quant, lrqat, ranges, seed, integers, targets, init)
 
 
-def apply_lora(model: nn.Module, lrqat: LRQATSpec, seed: int = 0) -> nn.Module:
+def apply_lora(model: nn.Module, lrqat: LRQATSpec, seed: int = 0, targets: str = DEFAULT_TARGETS) -> nn.Module:
     """Plain LoRA on the targets, no quantization: the reference for memory and speed."""
-    targets = find_targets(model, lrqat.targets)
+    found = find_targets(model, targets)
     freeze(model)
     generator = torch.Generator().manual_seed(seed)
-    for name, linear in targets:
+    for name, linear in found:
         replace_module(model, name, LoRALinear(linear, lrqat, generator))
     return model
 
 
-def apply_rtn(model: nn.Module, quant: QuantSpec, pattern: str, ranges: RangeParams | None = None) -> nn.Module:
+def apply_rtn(model: nn.Module, quant: QuantSpec, targets: str = DEFAULT_TARGETS, ranges: RangeParams | None = None,
+              init: str = "lp") -> nn.Module:
     """Round-to-nearest PTQ of every target linear, in place (the baseline and start point)."""
-    ranges = ranges if ranges is not None else init_ranges(model, quant, pattern)
-    return apply_method("rtn", model, quant, LRQATSpec(targets=pattern), ranges)
+    ranges = ranges if ranges is not None else init_ranges(model, quant, targets, init)
+    return apply_method("rtn", model, quant, None, ranges, targets=targets, init=init)

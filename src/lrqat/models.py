@@ -130,6 +130,3 @@ def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrai
     model.eval()
     return model, tokenizer
 
-
-def model_size(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

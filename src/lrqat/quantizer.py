@@ -7,9 +7,12 @@ Grouped arithmetic views the weight as `(out, G, g)` so nothing is repeated.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from lrqat.spec import QuantSpec
+if TYPE_CHECKING:
+    from lrqat.spec import QuantSpec
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -95,3 +97,21 @@ def gather_model(sharded: nn.Module, skeleton: nn.Module) -> nn.Module:
         if p.is_meta:
             raise LrqatError(f"FSDP: {name} was not restored after training (a tensor the state dict does not hold).")
     return skeleton
+
+
+def distribute(
+    model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer], accelerator: Accelerator
+) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module | None]:
+    """The one fork between sharded and replicated training.
+
+    FSDP (requested by the launch config): keep a meta-device skeleton of `model` to
+    gather into after training, shard it, then build the optimizer over the shards.
+    Otherwise: build the optimizer, and let Accelerate wrap both (DDP in a run of
+    several processes, nothing in one). Returns `(model, optimizer, skeleton or None)`.
+    """
+    if fsdp_requested():
+        skeleton = meta_skeleton(model)
+        model = shard_model(model, accelerator.device)
+        return model, build_optimizer(model), skeleton
+    model, optimizer = accelerator.prepare(model, build_optimizer(model))
+    return model, optimizer, None

@@ -1,55 +1,45 @@
-"""Run configuration as small dataclasses, validated early.
+"""Run configuration as small dataclasses along the seams of a run, validated early.
 
-Every check a user can fail lives here, so a bad setting is reported before the
-model is loaded (seconds) rather than in the middle of a run (minutes).
+`QuantSpec` is the integer grid (all a consumer of the model needs), `PTQSpec` how the
+post-training start is found, `LRQATSpec` the adapter, `TrainSpec` the loop, `DataSpec`
+the text; `RunSpec` holds them with the run-level settings (model, method, targets,
+exports). `validate()` only checks: every check a user can fail lives here, so a bad
+setting is reported before the model is loaded (seconds) rather than in the middle of a
+run (minutes). `resolve()` fills the defaults once (the method's learning rates, the
+step count of a token budget) and computes the run's fingerprint.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lrqat.errors import LrqatError
+from lrqat.methods import DEFAULT_TARGETS, METHODS, Method
+from lrqat.phi import PHI_FORMATS
+from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
 
-PHI_FORMATS = ("fp32", "bf16", "fp16", "fixed8", "int")
-RANGE_INITS = ("minmax", "lp", "gptq")
-METHODS = ("rtn", "gptq", "peqa", "naive-lora", "qat", "lrqat")
+PTQ_INITS = (*RANGE_SETTINGS, "gptq")
 SCHEDULES = ("linear", "cosine", "constant")
-DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-
-
-# Learning rates (A/B or weights, scales) of each trained method for short budgets.
-# LR-QAT's were tuned on the built-in model (README); the baselines share its scale
-# rate, and their main rates are sized so that tens of Adam steps move a float weight
-# by a fraction of a grid step, as LR-QAT's adapter does. --lr / --lr-scales override.
-METHOD_LRS = {
-    "lrqat": (3e-3, 1e-4),
-    "naive-lora": (3e-4, 0.0),
-    "peqa": (0.0, 1e-4),
-    "qat": (1e-4, 1e-4),
-}
 
 
 @dataclass
 class QuantSpec:
-    """The integer grid of the weights: bit width, symmetry and granularity, and how
-    the post-training start is found.
+    """The integer grid of the weights: bit width, symmetry and granularity. This is all
+    a consumer of the merged model needs (what `quantization.json` records).
 
     `group_size=None` means one scale per output channel; otherwise one scale per
-    group of `group_size` consecutive input columns. `init` sets the ranges (`minmax`
-    or the `lp` search); `gptq` takes `lp` ranges and lets GPTQ choose the integers
-    (`act_order`, `damp` are GPTQ's options).
+    group of `group_size` consecutive input columns.
     """
 
     bits: int = 4
     symmetric: bool = True
     group_size: int | None = None
-    init: str = "lp"
-    act_order: bool = True
-    damp: float = 0.01
 
     def validate(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -59,15 +49,6 @@ class QuantSpec:
                 f"group size {self.group_size!r} must be a positive integer "
                 "(or use --granularity channel for one scale per output channel)."
             )
-        if self.init not in RANGE_INITS:
-            raise LrqatError(f"unknown range init {self.init!r}: choose one of {', '.join(RANGE_INITS)}.")
-        if not 0 <= self.damp < 1:
-            raise LrqatError(f"GPTQ damping {self.damp!r} is a fraction of the mean Hessian diagonal: choose [0, 1).")
-
-    @property
-    def range_init(self) -> str:
-        """The range setting: GPTQ starts from the `lp` ranges."""
-        return "lp" if self.init == "gptq" else self.init
 
     def check_layer(self, name: str, in_features: int) -> None:
         """Fail early when the group size does not tile a layer's input dimension."""
@@ -92,18 +73,47 @@ class QuantSpec:
 
 
 @dataclass
+class PTQSpec:
+    """How the post-training start is found: the range setting `init` (`minmax`, the
+    `lp` search, or `gptq`: `lp` ranges with GPTQ's integers) and GPTQ's options."""
+
+    init: str = "lp"
+    act_order: bool = True
+    damp: float = 0.01
+    calib_tokens: int = 16384
+
+    def validate(self) -> None:
+        if self.init not in PTQ_INITS:
+            raise LrqatError(f"unknown range init {self.init!r}: choose one of {', '.join(PTQ_INITS)}.")
+        if not _finite(self.damp) or not 0 <= self.damp < 1:
+            raise LrqatError(f"GPTQ damping {self.damp!r} is a fraction of the mean Hessian diagonal: choose [0, 1).")
+        if not isinstance(self.calib_tokens, int) or self.calib_tokens <= 0:
+            raise LrqatError(f"calib-tokens={self.calib_tokens!r} must be a positive integer.")
+
+    @property
+    def range_init(self) -> str:
+        """The range setting: GPTQ starts from the `lp` ranges."""
+        return "lp" if self.init == "gptq" else self.init
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or (isinstance(value, (int, float)) and math.isfinite(value))
+
+
+@dataclass
 class LRQATSpec:
     """The low-rank adapter and the storage format φ of the frozen base Φ0."""
 
     rank: int = 32
     alpha: float = 32.0
     phi: str = "fixed8"
-    targets: str = DEFAULT_TARGETS
+    # compute the quantized weight with torch.compile (fused kernels; compiles per shape)
+    fused: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.rank, int) or self.rank <= 0:
             raise LrqatError(f"rank={self.rank!r} must be a positive integer (e.g. --rank 32).")
-        if self.alpha <= 0:
+        if not _finite(self.alpha) or self.alpha <= 0:
             raise LrqatError(f"alpha={self.alpha!r} must be positive.")
         if self.phi not in PHI_FORMATS:
             raise LrqatError(f"unknown storage format phi={self.phi!r}: choose one of {', '.join(PHI_FORMATS)}.")
@@ -134,8 +144,6 @@ class TrainSpec:
     max_tokens: int | None = None
     # also log the metrics to TensorBoard (OUTPUT/tensorboard)
     tensorboard: bool = False
-    # compute LR-QAT's quantized weight with torch.compile (fused kernels; compiles per shape)
-    fused: bool = False
 
     def steps_for(self, processes: int) -> int:
         """Optimizer steps of this run: `steps`, or enough to train on `max_tokens`."""
@@ -153,6 +161,9 @@ class TrainSpec:
                 raise LrqatError(f"{name.replace('_', '-')}={value!r} must be a positive integer.")
         if self.seq_len < 2:
             raise LrqatError(f"seq-len={self.seq_len} is too short: use at least 2 tokens.")
+        for name in ("lr", "lr_scales", "warmup", "clip"):
+            if not _finite(getattr(self, name)):
+                raise LrqatError(f"{name.replace('_', '-')}={getattr(self, name)!r} must be a finite number.")
         if (self.lr or 0) < 0 or (self.lr_scales or 0) < 0:
             raise LrqatError("learning rates must be non-negative.")
         if not 0 <= self.warmup < 1:
@@ -173,7 +184,6 @@ class DataSpec:
     eval_fraction: float = 0.1
     eval_context: int = 1024
     eval_tokens: int = 8192
-    calib_tokens: int = 16384
 
     def validate(self) -> None:
         if not 0 < self.eval_fraction < 1:
@@ -188,6 +198,7 @@ class DataSpec:
 
 
 DTYPES = ("fp32", "bf16")
+EXPORT_FORMATS = ("compressed-tensors", "gguf", "hf-dequantized")
 
 
 def parse_choices(text: str, choices: Sequence[str], noun: str) -> list[str]:
@@ -199,6 +210,10 @@ def parse_choices(text: str, choices: Sequence[str], noun: str) -> list[str]:
     return names
 
 
+SECTIONS = {"quant": QuantSpec, "ptq": PTQSpec, "lrqat": LRQATSpec, "train": TrainSpec, "data": DataSpec}
+RUN_KEYS = ("model", "output", "method", "targets", "dtype", "export")
+
+
 @dataclass
 class RunSpec:
     """One `lrqat quantize` run: everything needed to reproduce it."""
@@ -206,26 +221,48 @@ class RunSpec:
     model: str = "smollm2-135m"
     output: str = "runs/default"
     method: str = "lrqat"
-    quant: QuantSpec = field(default_factory=QuantSpec)
-    lrqat: LRQATSpec = field(default_factory=LRQATSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    data: DataSpec = field(default_factory=DataSpec)
+    # regex of the linear layers to quantize (re.search on qualified module names)
+    targets: str = DEFAULT_TARGETS
     # compute dtype of the model: "bf16" keeps frozen float tensors (embeddings, norms,
     # head) and activations in bfloat16; trainable A, B, s (and QAT's weights) stay fp32
     dtype: str = "fp32"
+    # formats to export the merged model to after the run (RUN/export/FORMAT)
+    export: list[str] = field(default_factory=list)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    ptq: PTQSpec = field(default_factory=PTQSpec)
+    lrqat: LRQATSpec = field(default_factory=LRQATSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    data: DataSpec = field(default_factory=DataSpec)
 
     def validate(self) -> None:
+        """Check every setting; change nothing."""
         if self.dtype not in DTYPES:
             raise LrqatError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if self.method not in METHODS:
             raise LrqatError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
-        lr, lr_scales = METHOD_LRS.get(self.method, (0.0, 0.0))
-        self.train.lr = lr if self.train.lr is None else self.train.lr
-        self.train.lr_scales = lr_scales if self.train.lr_scales is None else self.train.lr_scales
-        self.quant.validate()
-        self.lrqat.validate()
-        self.train.validate()
-        self.data.validate()
+        if self.export:
+            parse_choices(",".join(self.export), EXPORT_FORMATS, "export format")
+        try:
+            re.compile(self.targets)
+        except re.error as err:
+            raise LrqatError(f"targets {self.targets!r} is not a valid regular expression ({err}).") from None
+        for section in SECTIONS:
+            getattr(self, section).validate()
+
+    def resolve(self, processes: int = 1) -> ResolvedRun:
+        """Validate, then fill the defaults once: the method's learning rates where none
+        are given, and the step count of a `max_tokens` budget under `processes`.
+        The spec itself is left as it was."""
+        self.validate()
+        method = METHODS[self.method]
+        train = dataclasses.replace(
+            self.train,
+            lr=method.lr if self.train.lr is None else self.train.lr,
+            lr_scales=method.lr_scales if self.train.lr_scales is None else self.train.lr_scales,
+            steps=self.train.steps_for(processes),
+        )
+        spec = dataclasses.replace(copy.deepcopy(self), train=train)
+        return ResolvedRun(spec=spec, method=method, processes=processes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -233,21 +270,52 @@ class RunSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
         """Build from a nested dict (a YAML recipe), rejecting unknown keys by name."""
-        sections = {"quant": QuantSpec, "lrqat": LRQATSpec, "train": TrainSpec, "data": DataSpec}
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
-            if key in sections:
-                kwargs[key] = _build(sections[key], value or {}, key)
-            elif key in ("model", "output", "method", "dtype"):
+            if key in SECTIONS:
+                kwargs[key] = _build(SECTIONS[key], value or {}, key)
+            elif key in RUN_KEYS:
                 kwargs[key] = value
             else:
-                raise LrqatError(f"unknown recipe key {key!r}: expected one of model, output, method, dtype, {', '.join(sections)}.")
+                raise LrqatError(f"unknown recipe key {key!r}: expected one of {', '.join((*RUN_KEYS, *SECTIONS))}.")
         return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A validated run with every default filled: what the pipeline executes."""
+
+    spec: RunSpec
+    method: Method
+    processes: int = 1
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must match to be resumed: all but where the run
+        lives and what is exported after it."""
+        raw = self.spec.to_dict()
+        raw.pop("output")
+        raw.pop("export")
+        return raw
+
+    @property
+    def global_batch(self) -> int:
+        train = self.spec.train
+        return train.batch_size * train.grad_accum * self.processes
+
+
+_MOVED = {"quant": {"init": "ptq", "act_order": "ptq", "damp": "ptq"}, "data": {"calib_tokens": "ptq"},
+          "lrqat": {"targets": "the top level"}, "train": {"fused": "lrqat"}}
+
+
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
+    if not isinstance(values, dict):
+        raise LrqatError(f"recipe section {section!r} must be a mapping of settings.")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
+    moved = [f"{k} (now under {_MOVED[section][k]})" for k in sorted(unknown) if _MOVED.get(section, {}).get(k)]
+    if moved:
+        raise LrqatError(f"recipe section {section!r}: {', '.join(moved)}; move the key(s) there.")
     if unknown:
         raise LrqatError(
             f"unknown key(s) {', '.join(sorted(unknown))} in recipe section {section!r}: "

@@ -1,6 +1,6 @@
 """Model surgery: find the target linears of a causal LM by name and swap them.
 
-A new architecture needs only a name pattern (`LRQATSpec.targets`), not new code:
+A new architecture needs only a name pattern (`RunSpec.targets`), not new code:
 anything matching the pattern that is an `nn.Linear` is quantized; embeddings, the
 output head and norms stay float and frozen.
 """
@@ -8,14 +8,17 @@ output head and norms stay float and frozen.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lrqat.errors import LrqatError
-from lrqat.layers import LRQATLinear, QuantLinear
-from lrqat.ptq import init_params
-from lrqat.spec import QuantSpec
+from lrqat.layers import LRQATLinear, QuantLinear, TrainableLayer, TrainableQuantLayer
+from lrqat.ranges import init_params
+
+if TYPE_CHECKING:
+    from lrqat.spec import QuantSpec
 
 
 def find_targets(model: nn.Module, pattern: str) -> list[tuple[str, nn.Linear]]:
@@ -54,17 +57,22 @@ def freeze(model: nn.Module) -> None:
 RangeParams = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def init_ranges(model: nn.Module, quant: QuantSpec, pattern: str) -> RangeParams:
-    """The PTQ scales (and zero points) of every target, computed once and shared by the
-    RTN baseline and the LR-QAT start point."""
-    return {name: init_params(linear.weight.detach(), quant) for name, linear in check_targets(model, quant, pattern)}
+def init_ranges(model: nn.Module, quant: QuantSpec, pattern: str, init: str = "lp") -> RangeParams:
+    """The PTQ scales (and zero points) of every target by the range setting `init`,
+    computed once and shared by the RTN baseline and the trained methods' start."""
+    return {name: init_params(linear.weight.detach(), quant, init) for name, linear in check_targets(model, quant, pattern)}
 
 
 def merge_model(model: nn.Module) -> nn.Module:
-    """Swap every trained layer (anything with `merge()`) for its `QuantLinear`, in place."""
+    """Swap every trained layer for its `QuantLinear`, in place. A layer whose scales
+    are non-finite or non-positive, or whose integers leave the grid, is refused by name."""
     for name, module in list(model.named_modules()):
-        if hasattr(module, "merge") and not isinstance(module, QuantLinear):
-            replace_module(model, name, module.merge())
+        if isinstance(module, TrainableQuantLayer):
+            try:
+                merged = module.merge()
+            except LrqatError as err:
+                raise LrqatError(f"cannot merge layer {name}: {err} (did training diverge? lower --lr)") from None
+            replace_module(model, name, merged)
     return model
 
 
@@ -77,7 +85,7 @@ def trainable_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     gets its own learning rate. Every trainable layer type reports its own."""
     groups: dict[str, list[nn.Parameter]] = {"main": [], "scales": []}
     for module in model.modules():
-        if hasattr(module, "param_groups"):
+        if isinstance(module, TrainableLayer):
             for role, params in module.param_groups().items():
                 groups[role] += params
     return groups
@@ -87,7 +95,7 @@ def count_rtn_ties(model: nn.Module, reference: nn.Module) -> int:
     """Integers where step 0 of LR-QAT (rounding the stored Φ0) differs from RTN of W0.
 
     With `fixed8` this happens only at rounding ties of the stored fixed-point value
-    (METHOD.md §6); we report the count rather than hide it.
+    (docs/METHOD.md §6); we report the count rather than hide it.
     """
     ref = dict(reference.named_modules())
     diffs = 0

@@ -19,7 +19,7 @@ def dequantized_model(model: nn.Module) -> nn.Module:
     for name, layer in quant_layers(model):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
         with torch.no_grad():
-            linear.weight.copy_(layer.weight())
+            linear.weight.copy_(layer.w_hat())
             if layer.bias is not None:
                 linear.bias.copy_(layer.bias)
         replace_module(model, name, linear)

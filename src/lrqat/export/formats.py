@@ -7,15 +7,14 @@ the end, so an interrupted export never leaves a half-written artifact behind.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from lrqat.errors import LrqatError
+from lrqat.rundir import RunDir
+from lrqat.spec import EXPORT_FORMATS as FORMATS
 from lrqat.spec import QuantSpec, parse_choices
-
-FORMATS = ("compressed-tensors", "gguf", "hf-dequantized")
 
 
 def merged_model_dir(path: Path) -> Path:
@@ -25,6 +24,15 @@ def merged_model_dir(path: Path) -> Path:
         if (candidate / "quantization.json").is_file():
             return candidate
     raise LrqatError(f"{path} is neither an lrqat run folder nor a merged model folder (no quantization.json): run `lrqat quantize` first.")
+
+
+def check_exportable(formats: list[str], spec: QuantSpec) -> None:
+    """Refuse formats that cannot hold `spec`'s grid exactly, before anything is loaded."""
+    formats = parse_choices(",".join(formats), FORMATS, "export format") if formats else []
+    if "gguf" in formats:
+        from lrqat.export.gguf_llama import block_type_for
+
+        block_type_for(spec)
 
 
 def folder_bytes(path: Path) -> int:
@@ -60,21 +68,18 @@ def export_many(path: Path, formats: list[str], output: Path | None = None) -> l
         raise LrqatError("--output names one destination: export one format at a time, or leave --output out.")
     from transformers import AutoTokenizer
 
-    from lrqat.export.native import load_quantized
+    from lrqat.export.native import load_quantized, read_grid
 
     source = merged_model_dir(path)
-    spec = QuantSpec(**json.loads((source / "quantization.json").read_text())["quant"])
-    if "gguf" in formats:
-        from lrqat.export.gguf_llama import block_type_for
-
-        block_type_for(spec)
+    spec = read_grid(source)
+    check_exportable(formats, spec)
     model = load_quantized(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    run_dir = source.parent if source.name == "model" else source
+    run_dir = RunDir(source.parent if source.name == "model" else source)
     n_quantized, n_all = parameter_counts(model)
     reports = []
     for fmt in formats:
-        destination = Path(output) if output else run_dir / "export" / fmt
+        destination = Path(output) if output else run_dir.export(fmt)
         report: dict[str, Any] = {"format": fmt, "source": str(source), "quant": spec.describe()}
         written = write_format(fmt, model, tokenizer, source, spec, destination, report)
         size = folder_bytes(written)

@@ -212,7 +212,7 @@ def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pa
         role = name.rsplit(".", 1)[-1]
         rows = rotary_permutation(layer.out_features, heads[role]) if role in heads else None
         raw, decoded = pack_blocks(layer, spec, kind, rows)
-        ours = layer.weight() if rows is None else layer.weight()[rows]
+        ours = layer.w_hat() if rows is None else layer.w_hat()[rows]
         max_weight_change = max(max_weight_change, (decoded - ours).abs().max().item())
         max_scale_change = max(max_scale_change, ((layer.scales.half().float() - layer.scales) / layer.scales).abs().max().item())
         writer.add_tensor(gguf_name(names, f"{name}.weight"), raw, raw_dtype=kind)

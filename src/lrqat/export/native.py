@@ -53,6 +53,14 @@ def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, 
     return folder
 
 
+def read_grid(model_dir: Path) -> QuantSpec:
+    """The integer grid recorded in a merged model's `quantization.json` (files written
+    before the grid and the PTQ options were separated also held `init`, `act_order`,
+    `damp`: those are not part of the grid and are ignored)."""
+    raw = json.loads((model_dir / "quantization.json").read_text())["quant"]
+    return QuantSpec(**{f.name: raw[f.name] for f in dataclasses.fields(QuantSpec) if f.name in raw})
+
+
 def load_quantized(folder: Path) -> nn.Module:
     """Rebuild the integer model written by `save_quantized`."""
     folder = Path(folder)
@@ -62,7 +70,7 @@ def load_quantized(folder: Path) -> nn.Module:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise LrqatError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
-    spec = QuantSpec(**meta["quant"])
+    spec = read_grid(folder)
     config = AutoConfig.from_pretrained(folder)
     # Uninitialised float weights are never touched (so never resident): the quantized
     # layers replace them and everything else is assigned from the file.

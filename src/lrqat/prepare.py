@@ -6,7 +6,8 @@ from lrqat.data import fetch_brown
 from lrqat.models import BUILTIN_MODELS, convert_builtin
 
 
-def setup() -> None:
+def prepare() -> None:
+    """Fetch the Brown corpus and convert every built-in model once (idempotent)."""
     print(f"corpus: {fetch_brown()}")
     for name in BUILTIN_MODELS:
         print(f"model {name}: {convert_builtin(name)}")

@@ -1,20 +1,18 @@
-"""The training loop, on Accelerate.
+"""The training loop, on Accelerate, and nothing else.
 
 Plain code on purpose: one optimizer step = `grad_accum` micro-batches per process,
-clip, step, schedule. Which blocks a step reads is a pure function of (seed, step), so
-a resumed run continues exactly the trajectory it left, and N processes with the same
-global batch read the same blocks as one.
+clip, step, schedule. Which blocks a step reads is the block source's pure function of
+(seed, step), so a resumed run continues exactly the trajectory it left, and N
+processes with the same global batch read the same blocks as one. Process facts live
+in `runtime`, memory figures in `memory`, the train state in `checkpoint`, the
+DDP/FSDP fork in `shard.distribute`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import importlib.util
 import json
 import math
-import resource
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,24 +20,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from tqdm.auto import tqdm
 
-from lrqat.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from lrqat.blocks import BlockSource
+from lrqat.checkpoint import (
+    CHECKPOINT_NAME,
+    TrainState,
+    load_optimizer_state,
+    load_trainable_state,
+    optimizer_state,
+    trainable_state,
+)
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
-from lrqat.layers import LRQATLinear
-from lrqat.memory import memory_bill
-from lrqat.shard import fsdp_requested, full_tensor, gather_model, meta_skeleton, shard_model
-from lrqat.spec import METHOD_LRS, TrainSpec
-from lrqat.stream import TokenStream
+from lrqat.memory import memory_bill, peak_memory_mb, reset_peak_memory
+from lrqat.runtime import use_cpu
+from lrqat.shard import distribute, full_tensor, gather_model
+from lrqat.spec import TrainSpec
 from lrqat.surgery import trainable_groups
 
 METRICS_NAME = "metrics.jsonl"
@@ -56,17 +55,6 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)  # the trained model, whole
 
 
-def use_cpu() -> bool:
-    """Run torch.distributed on CPU (gloo) when there is no GPU."""
-    return not torch.cuda.is_available()
-
-
-def process_state() -> PartialState:
-    """This process's place in a distributed run (`accelerate launch`, torchrun), or a
-    single process. Without a GPU, torch.distributed runs on CPU over gloo."""
-    return PartialState(cpu=use_cpu())
-
-
 def lr_factor(step: int, spec: TrainSpec) -> float:
     """Warmup then linear/cosine decay to zero (or constant), as a multiplier of the base lr."""
     warmup = round(spec.warmup * spec.steps)
@@ -80,93 +68,27 @@ def lr_factor(step: int, spec: TrainSpec) -> float:
     return max(0.0, 1.0 - progress)
 
 
-def step_indices(step: int, n_blocks: int, global_batch: int, seed: int) -> torch.Tensor:
-    """The block indices of one optimizer step: epochs of a seeded permutation."""
-    steps_per_epoch = max(1, n_blocks // global_batch)
-    epoch, offset = divmod(step, steps_per_epoch)
-    perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    positions = torch.arange(offset * global_batch, (offset + 1) * global_batch) % n_blocks
-    return perm[positions]
-
-
-def reset_peak_memory() -> None:
-    """Start a new peak-memory window, so training is measured without the loading and
-    baseline evaluations before it (Linux: writing 5 to clear_refs resets VmHWM)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS is what is live
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def process_memory_mb(field: str) -> float | None:
-    """A memory figure of this process from /proc/self/status (`VmRSS` now, `VmHWM` peak)
-    in MiB, or None where the file does not exist (not Linux)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return None
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process since the last reset (CPU), or peak
-    allocated GPU memory."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    peak = process_memory_mb("VmHWM")
-    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """AdamW with one parameter group per role (`main`, `scales`), each at its own rate.
+    The rates come resolved (`RunSpec.resolve()` takes the method's defaults)."""
+    if spec.lr is None or spec.lr_scales is None:
+        raise LrqatError("learning rates are not set: give TrainSpec lr and lr_scales, or run RunSpec.resolve() "
+                         "to take the method's defaults.")
     groups = trainable_groups(model)
-    default_lr, default_lr_scales = METHOD_LRS["lrqat"]
     param_groups = [
-        {"params": groups["main"], "lr": default_lr if spec.lr is None else spec.lr, "name": "main"},
-        {"params": groups["scales"], "lr": default_lr_scales if spec.lr_scales is None else spec.lr_scales,
-         "name": "scales"},
+        {"params": groups["main"], "lr": spec.lr, "name": "main"},
+        {"params": groups["scales"], "lr": spec.lr_scales, "name": "scales"},
     ]
     return torch.optim.AdamW([g for g in param_groups if g["params"]], betas=spec.betas, weight_decay=spec.weight_decay)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors whole, also from a sharded model (then every process must call)."""
-    return {n: full_tensor(p.detach()).cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load whole tensors into a plain or sharded model (each process keeps its share)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    if names != set(state):
-        raise LrqatError("the checkpoint's trainable tensors do not match this model: was it written by another run?")
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """AdamW state keyed by parameter name and whole (gathered to the main process when
-    sharded), so a checkpoint resumes under any number of processes, sharded or not."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    if any(not isinstance(key, str) for key in state.get("state", {})):
-        raise LrqatError("this checkpoint was written by an older lrqat (optimizer state by position, not by name): "
-                         "start the run again in a new --output.")
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state, options=options)
-
-
 class Trainer:
-    """Trains the trainable tensors of a prepared (surgered) model on token blocks."""
+    """Trains the trainable tensors of a prepared (surgered) model on a block source."""
 
     def __init__(
         self,
         model: nn.Module,
-        train_blocks: torch.Tensor | TokenStream,
+        train_blocks: BlockSource,
         eval_blocks: torch.Tensor,
         spec: TrainSpec,
         out_dir: Path,
@@ -175,13 +97,13 @@ class Trainer:
         self.spec = spec
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.fingerprint = fingerprint
+        self.fingerprint = json.dumps(fingerprint, sort_keys=True)
         self.train_blocks = train_blocks
         self.eval_blocks = eval_blocks
-        # Frozen buffers (Φ0, zero points) are identical in every process by construction:
-        # DDP need not re-broadcast them before each forward pass.
         if spec.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise LrqatError("--tensorboard needs the tensorboard package: pip install 'lrqat[tensorboard]'.")
+        # Frozen buffers (Φ0, zero points) are identical in every process by construction:
+        # DDP need not re-broadcast them before each forward pass.
         self.accelerator = Accelerator(cpu=use_cpu(), log_with="tensorboard" if spec.tensorboard else None,
                                        project_dir=str(out_dir),
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -189,18 +111,8 @@ class Trainer:
             self.accelerator.init_trackers("tensorboard")
         if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        for layer in model.modules():
-            if isinstance(layer, LRQATLinear):
-                layer.fused = spec.fused
-        # Sharding replaces the parameters, so the optimizer is built after it.
-        self.skeleton = meta_skeleton(model) if fsdp_requested() else None
-        if self.skeleton is not None:
-            model = shard_model(model, self.accelerator.device)
-        self.optimizer = build_optimizer(model, spec)
+        self.model, self.optimizer, self.skeleton = distribute(model, lambda m: build_optimizer(m, spec), self.accelerator)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, spec))
-        if self.skeleton is None:
-            model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
-        self.model = model
         self.step = 0
         self.losses: list[float] = []
         self.elapsed = 0.0
@@ -232,33 +144,19 @@ class Trainer:
             return
         model = self.accelerator.unwrap_model(self.model)
         trainable, optimizer = trainable_state(model), optimizer_state(model, self.optimizer)
-        if not main:
-            return
-        state = {
-            "step": self.step,
-            "trainable": trainable,
-            "optimizer": optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "losses": self.losses,
-            "elapsed": self.elapsed,
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-        }
-        save_checkpoint(self.checkpoint_path, state)
+        if main:
+            TrainState(self.step, trainable, optimizer, self.scheduler.state_dict(), self.losses, self.elapsed,
+                       self.fingerprint).save(self.checkpoint_path)
 
     def resume(self) -> None:
-        state = load_checkpoint(self.checkpoint_path)
-        if state.get("fingerprint") != json.dumps(self.fingerprint, sort_keys=True):
-            raise LrqatError(
-                f"checkpoint {self.checkpoint_path} was written by a run with other settings: "
-                "resume with the same settings, or choose a new --output."
-            )
+        state = TrainState.load(self.checkpoint_path, self.fingerprint)
         model = self.accelerator.unwrap_model(self.model)
-        load_trainable_state(model, state["trainable"])
-        load_optimizer_state(model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = state["step"]
-        self.losses = list(state["losses"])
-        self.elapsed = state["elapsed"]
+        load_trainable_state(model, state.trainable)
+        load_optimizer_state(model, self.optimizer, state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step = state.step
+        self.losses = list(state.losses)
+        self.elapsed = state.elapsed
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -276,18 +174,14 @@ class Trainer:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _micro_batches(self, step: int) -> list[torch.Tensor]:
-        if isinstance(self.train_blocks, torch.Tensor):
-            idx = step_indices(step, self.train_blocks.shape[0], self.global_batch(), self.spec.seed)
-            blocks = self.train_blocks[idx]
-        else:  # a TokenStream: blocks in stream order
-            blocks = self.train_blocks.batch(step, self.global_batch())
+        blocks = self.train_blocks.batch(step, self.global_batch())
         per_process = blocks.reshape(self.accelerator.num_processes, -1, blocks.shape[-1])[self.accelerator.process_index]
         return list(per_process.split(self.spec.batch_size))
 
     def train_step(self) -> tuple[float, float]:
         self.model.train()
         micro = self._micro_batches(self.step)
-        total = 0.0
+        total = torch.zeros((), device=self.accelerator.device)
         for i, ids in enumerate(micro):
             ids = ids.to(self.accelerator.device)
             last = i == len(micro) - 1
@@ -295,21 +189,20 @@ class Trainer:
             with nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model):
                 loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss / len(micro)
                 self.accelerator.backward(loss)
-            total += loss.item()
+            total += loss.detach().float()  # summed on the device: one host sync per step, not per micro-batch
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.clip)) if self.spec.clip > 0 else 0.0
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        mean_loss = torch.tensor(total, device=self.accelerator.device)
-        return float(self.accelerator.reduce(mean_loss, reduction="mean")), float(grad_norm)
+        return float(self.accelerator.reduce(total, reduction="mean")), float(grad_norm)
 
     def run(self) -> TrainResult:
         spec = self.spec
         reset_peak_memory()
-        tokens_per_step = self.global_batch() * self.train_blocks.shape[-1]
+        tokens_per_step = self.global_batch() * self.train_blocks.seq_len
         bar = tqdm(
-            total=spec.steps, initial=self.step, desc="LR-QAT", unit="step",
+            total=spec.steps, initial=self.step, desc="training", unit="step",
             disable=not self.accelerator.is_main_process, dynamic_ncols=True,
         )
         try:
@@ -354,16 +247,17 @@ class Trainer:
 
 def train(
     model: nn.Module,
-    train_blocks: torch.Tensor | TokenStream,
+    train_blocks: BlockSource,
     eval_blocks: torch.Tensor,
     spec: TrainSpec,
     out_dir: Path,
     fingerprint: dict[str, Any] | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train `model`; with `resume`, continue from the checkpoint in `out_dir`. The
-    trained model is `result.model`: `model` itself, except under FSDP, where `model` is
-    left sharded and `result.model` is a gathered copy.
+    """Train `model` on `train_blocks` (a `BlockSource`: `PackedBlocks`, `TokenStream`);
+    with `resume`, continue from the checkpoint in `out_dir`. The trained model is
+    `result.model`: `model` itself, except under FSDP, where `model` is left sharded and
+    `result.model` is a gathered copy.
 
     `fingerprint` is any JSON-able description of the settings; a checkpoint written
     under another fingerprint is refused on resume.

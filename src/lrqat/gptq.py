@@ -1,74 +1,18 @@
-"""Post-training quantization: the starting point of LR-QAT and the PTQ baselines.
-
-Range setting (min-max, Lp search) needs only the weight and gives the scales s0 (and
-zero points). GPTQ also uses calibration data and chooses the integers on that grid.
-"""
+"""GPTQ (Frantar et al. 2022) in its paper's symbols: integers on given ranges that
+minimise the layer's output error on calibration data. A PTQ baseline, and a start
+for LR-QAT (Φ0 = the GPTQ integers)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from lrqat.quantizer import fake_quant, group_size_of, grouped
-from lrqat.spec import QuantSpec
+from lrqat.quantizer import group_size_of
 
-
-def minmax_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero point) that map the full range of each group onto the grid."""
-    return clipped_params(w, spec, 1.0)
-
-
-def clipped_params(
-    w: torch.Tensor, spec: QuantSpec, ratio: float | torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scale (and zero point) for the range of each group shrunk by `ratio` in (0, 1]."""
-    wg = grouped(w.detach().float(), group_size_of(spec, w.shape[1]))
-    eps = torch.finfo(torch.float32).tiny
-    if spec.symmetric:
-        s = (wg.abs().amax(dim=-1) * ratio / spec.qmax).clamp_min(eps)
-        return s, None
-    lo = (wg.amin(dim=-1).clamp_max(0) * ratio)
-    hi = (wg.amax(dim=-1).clamp_min(0) * ratio)
-    s = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(eps)
-    z = torch.round(-lo / s).clamp(spec.qmin, spec.qmax)
-    return s, z
-
-
-def lp_search_params(
-    w: torch.Tensor, spec: QuantSpec, p: float = 4.0, candidates: int = 100
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per group, the clipping ratio on a grid in (0, 1] minimising ‖W − Q(W)‖_p.
-
-    This is the reference recipe's range setting: clipping outliers a little trades a
-    larger error on few weights for a finer grid on all others.
-    """
-    best_s, best_z = minmax_params(w, spec)
-    best_err = _lp_error(w, spec, best_s, best_z, p)
-    for i in range(1, candidates):
-        ratio = 1.0 - i / candidates
-        s, z = clipped_params(w, spec, ratio)
-        err = _lp_error(w, spec, s, z, p)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better, s, best_s)
-        if z is not None:
-            best_z = torch.where(better, z, best_z)
-    return best_s, best_z
-
-
-def _lp_error(
-    w: torch.Tensor, spec: QuantSpec, s: torch.Tensor, z: torch.Tensor | None, p: float
-) -> torch.Tensor:
-    w_hat = fake_quant(w.detach().float(), s, z, spec)
-    g = group_size_of(spec, w.shape[1])
-    return grouped(w_hat - w.float(), g).abs().pow(p).sum(dim=-1)
-
-
-def init_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The PTQ range setting chosen by `spec.init`."""
-    if spec.range_init == "minmax":
-        return minmax_params(w, spec)
-    return lp_search_params(w, spec)
+if TYPE_CHECKING:
+    from lrqat.spec import QuantSpec
 
 
 def gptq_quantize(

@@ -1,8 +1,20 @@
 import pytest
 import torch
 
-from lrqat.downcast import bytes_per_weight, downcast, upcast
+from lrqat.phi import PHI_FORMATS
 from lrqat.spec import QuantSpec
+
+
+def downcast(v, phi, spec):
+    return PHI_FORMATS[phi].store(v, spec)
+
+
+def upcast(stored, phi, spec):
+    return PHI_FORMATS[phi].load(stored, spec)
+
+
+def bytes_per_weight(phi, spec):
+    return PHI_FORMATS[phi].bytes_per_weight(spec)
 
 
 def grid_values(spec: QuantSpec) -> torch.Tensor:
@@ -48,3 +60,15 @@ def test_bytes_per_weight_match_the_method_table():
     for phi in ("fp32", "bf16", "fixed8", "int"):
         stored = downcast(v, phi, w4)
         assert stored.numel() * stored.element_size() == v.numel() * bytes_per_weight(phi, w4)
+
+
+@pytest.mark.parametrize("phi", list(PHI_FORMATS))
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_add_into_rounds_phi0_plus_the_update_as_the_definition_says(phi, bits):
+    """`add_into` (the in-place pass of every step) equals the definition on the read-back
+    Φ0: round(Φ0 + C), and for φ = int Φ0 + round(C)."""
+    spec = QuantSpec(bits=bits)
+    stored = downcast(grid_values(spec), phi, spec)
+    C = torch.randn(8, 32) * 3
+    expected = upcast(stored, phi, spec) + torch.round(C) if phi == "int" else torch.round(upcast(stored, phi, spec) + C)
+    assert torch.equal(PHI_FORMATS[phi].add_into(C.clone(), stored, spec), expected)
