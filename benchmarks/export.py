@@ -13,27 +13,26 @@ table and writes `benchmarks/results/export.{json,md}`.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import torch
+from _results import command, write_results
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from lrqat.data import prepare_data
+from lrqat.blocks import prepare_data
 from lrqat.evaluate import llama_cpp_perplexity, perplexity
 from lrqat.export.formats import export_many
-from lrqat.export.native import load_quantized
+from lrqat.export.native import load_quantized, read_grid
 from lrqat.models import load_model
+from lrqat.rundir import RunDir
 
-RESULTS = Path(__file__).parent / "results"
 RUNS = "runs/quality/w4-channel-sym/lrqat,runs/quality/w4-g64-asym/lrqat"
 
 
 def measure(run: Path, blocks: torch.Tensor) -> dict:
     ct, gg = export_many(run, ["compressed-tensors", "gguf"])
-    ours = load_quantized(run / "model")
-    symmetric = json.loads((run / "model" / "quantization.json").read_text())["quant"]["symmetric"]
+    ours = load_quantized(RunDir(run).model)
+    symmetric = read_grid(RunDir(run).model).symmetric
     # asymmetric packed zero points load only through the dequantizing route (README)
     extra = {} if symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
     ct_model = AutoModelForCausalLM.from_pretrained(ct["path"], dtype=torch.float32, **extra)
@@ -79,11 +78,7 @@ def main() -> None:
     blocks = prepare_data(tokenizer, "brown", 256, 1024, args.eval_tokens, 0.1).eval
     rows = [measure(Path(run), blocks) for run in args.runs.split(",")]
     tokens = int(blocks.shape[0] * (blocks.shape[1] - 1))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "export.json").write_text(json.dumps({"eval_tokens": tokens, "rows": rows}, indent=2))
-    table = render(rows, tokens, "python " + " ".join(sys.argv))
-    (RESULTS / "export.md").write_text(table)
-    print(table)
+    write_results("export", {"eval_tokens": tokens, "rows": rows}, render(rows, tokens, command()))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _results import command, machine, write_results
+
+from lrqat.rundir import RunDir
+
 VARIANTS = ("float", "merged", "llama.cpp")
 
 
@@ -31,7 +33,7 @@ def worker(variant: str, path: str, prompt_tokens: int, new_tokens: int, threads
     from transformers import AutoModelForCausalLM
 
     from lrqat.export.native import load_quantized
-    from lrqat.train import process_memory_mb
+    from lrqat.memory import process_memory_mb
 
     torch.set_num_threads(threads)
     baseline = process_memory_mb("VmRSS")  # interpreter and libraries, before any model
@@ -72,13 +74,12 @@ def prepare(run: Path | None) -> tuple[Path, str]:
     """The merged model to measure (an RTN W4 run of the built-in model unless given) and its float source."""
     if run is None:
         run = Path("runs/inference-rtn-w4")
-        if not (run / "model" / "quantization.json").exists():
+        if not (RunDir(run).model / "quantization.json").exists():
             subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--method", "rtn", "--output", str(run),
                             "--eval-tokens", "1024", "--resume"], check=True)
     from lrqat.models import resolve_model
 
-    model = json.loads((run / "results.json").read_text())["model"]
-    return run, resolve_model(model)
+    return run, resolve_model(RunDir(run).read_result().model)
 
 
 def render(rows: list[dict], meta: dict) -> str:
@@ -118,7 +119,7 @@ def main() -> None:
     run, float_path = prepare(args.run)
     from lrqat.export.formats import export
 
-    paths = {"float": float_path, "merged": str(run / "model")}
+    paths = {"float": float_path, "merged": str(RunDir(run).model)}
     variants = args.variants.split(",")
     if "llama.cpp" in variants:
         paths["llama.cpp"] = export(run, "gguf")["path"]
@@ -129,17 +130,14 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    quant = json.loads((run / "model" / "quantization.json").read_text())["quant"]
-    meta = {"machine": f"{platform.processor() or platform.machine()}, {platform.system()}", "threads": args.threads,
+    from lrqat.export.native import read_grid
+
+    grid = read_grid(RunDir(run).model)
+    meta = {"machine": machine(), "threads": args.threads,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "run": str(run),
-            "quant": f"W{quant['bits']} {'per-channel' if quant['group_size'] is None else 'g' + str(quant['group_size'])} "
-                     f"{'sym' if quant['symmetric'] else 'asym'}",
-            "command": "python " + " ".join(sys.argv)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = render(rows, meta)
-    (RESULTS / "inference.md").write_text(table)
-    print(table)
+            "quant": grid.describe(),
+            "command": command()}
+    write_results("inference", {"meta": meta, "rows": rows}, render(rows, meta))
 
 
 if __name__ == "__main__":

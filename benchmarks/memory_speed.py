@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from _results import command, machine, write_results
+
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
     "builtin": (576, 1536, 30, 9, 3, 49152),
@@ -53,29 +53,30 @@ def build(shape: str, layers: int, dtype: str):
 def worker(args) -> dict:
     import torch
 
-    from lrqat.memory import memory_bill
-    from lrqat.methods import apply_lora, apply_method
+    from lrqat.blocks import PackedBlocks
+    from lrqat.memory import memory_bill, peak_memory_mb, process_memory_mb, reset_peak_memory
+    from lrqat.methods import DEFAULT_TARGETS, apply_lora, apply_method
     from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
     from lrqat.surgery import init_ranges
-    from lrqat.train import Trainer, peak_memory_mb, process_memory_mb, reset_peak_memory
+    from lrqat.trainer import Trainer
 
     torch.set_num_threads(args.threads)
     libraries_mb = 0.0 if torch.cuda.is_available() else (process_memory_mb("VmRSS") or 0.0)  # before any model exists
     model = build(args.shapes, args.layers, args.dtype)
     device = next(model.parameters()).device
-    quant = QuantSpec(bits=4, symmetric=True, group_size=None, init="minmax")
+    quant = QuantSpec(bits=4, symmetric=True, group_size=None)
     variant, _, option = args.worker.partition("+")  # "+fused": --fused
     method, _, phi = variant.partition("-")
-    lrqat = LRQATSpec(rank=args.rank, phi=phi or "fixed8")
+    lrqat = LRQATSpec(rank=args.rank, phi=phi or "fixed8", fused=option == "fused")
     if method == "lora":
         apply_lora(model, lrqat)
     else:
-        apply_method(method, model, quant, lrqat, init_ranges(model, quant, lrqat.targets))
+        apply_method(method, model, quant, lrqat, init_ranges(model, quant, DEFAULT_TARGETS, "minmax"), init="minmax")
     model.to(device)
     blocks = torch.randint(0, model.config.vocab_size, (args.batch_size * (args.steps + 1), args.seq_len))
     spec = TrainSpec(steps=args.steps + 1, batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4, lr_scales=1e-5,
-                     warmup=0.0, save_every=0, eval_every=0, fused=option == "fused")
-    trainer = Trainer(model, blocks, blocks[:1], spec, Path(args.tmp), {})
+                     warmup=0.0, save_every=0, eval_every=0)
+    trainer = Trainer(model, PackedBlocks(blocks), blocks[:1], spec, Path(args.tmp), {})
     bill = memory_bill(trainer.model)  # what this process holds (its shards, under FSDP)
     trainer.train_step()  # warm-up: allocator pools, optimizer state, compiling (fused)
     trainer.step += 1
@@ -106,7 +107,6 @@ def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int =
     import torch
     from torch import nn
 
-    from lrqat import layers as lrqat_layers
     from lrqat.layers import LoRALinear, LRQATLinear
     from lrqat.spec import LRQATSpec, QuantSpec
 
@@ -119,13 +119,14 @@ def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int =
         x = torch.randn(tokens, in_f, dtype=dt, requires_grad=True)
         layers = {"lora": LoRALinear(linear, LRQATSpec(rank=rank))}
         for phi in ("fixed8", "int", "bf16"):
-            layers[f"lrqat-{phi}"] = LRQATLinear(linear, QuantSpec(bits=4), LRQATSpec(rank=rank, phi=phi))
+            layers[f"lrqat-{phi}"] = LRQATLinear(linear, QuantSpec(bits=4), LRQATSpec(rank=rank, phi=phi), init="minmax")
         layers["lrqat-fixed8 fused"] = copy.deepcopy(layers["lrqat-fixed8"])
         layers["lrqat-fixed8 fused"].fused = True
         layers["lrqat-fixed8 dense-G"] = layers["lrqat-fixed8"]
         timings = {}
         for name, layer in layers.items():
-            lrqat_layers.SPARSE_CORRECTION_MAX_DENSITY = -1.0 if name.endswith("dense-G") else 0.01
+            if isinstance(layer, LRQATLinear):  # "dense-G": the dense backward from the forward on
+                layer.sparse_correction_max_density = -1.0 if name.endswith("dense-G") else 0.01
             best = float("inf")
             for _ in range(repeats + 1):  # the first call compiles the fused kernels
                 started = time.perf_counter()
@@ -205,15 +206,11 @@ def main() -> None:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     micro = layer_micro(args.threads, args.dtype, args.micro_tokens, args.rank) if args.micro_tokens else []
-    meta = {"machine": f"{platform.machine()}, {platform.system()}, {args.threads} threads", "dtype": args.dtype,
+    meta = {"machine": f"{machine()}, {args.threads} threads", "dtype": args.dtype,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank, "steps": args.steps,
             "layers": {s: int(depth.get(s, "0")) or SHAPES[s][2] for s in args.shapes.split(",")},
-            "command": "python " + " ".join(sys.argv)}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory_speed.json").write_text(json.dumps({"meta": meta, "rows": rows, "micro": micro}, indent=2))
-    table = render(rows, micro, meta)
-    (RESULTS / "memory_speed.md").write_text(table)
-    print(table)
+            "command": command()}
+    write_results("memory_speed", {"meta": meta, "rows": rows, "micro": micro}, render(rows, micro, meta))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
+from _results import machine, write_results
+
 from lrqat.compare import render_compare, run_compare
-from lrqat.report import METHOD_NAMES
-from lrqat.spec import METHODS, DataSpec, QuantSpec, RunSpec, TrainSpec
+from lrqat.methods import METHODS
+from lrqat.spec import DataSpec, QuantSpec, RunSpec, TrainSpec
 
 # The built-in model's hidden size is 576 = 9 · 64: group 128 does not tile it, so the
 # group settings use g64, the nearest group size that divides every layer.
@@ -29,7 +30,6 @@ SETTINGS = {
     "w3-g64-asym": QuantSpec(bits=3, symmetric=False, group_size=64),
 }
 TARGETS = {"w4-channel-sym": 0.90, "w3-g64-asym": 0.85}
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -62,13 +62,10 @@ def main() -> None:
         summaries[name] = run_compare(spec, args.methods.split(","))
     command = " ".join(["python benchmarks/quality.py", *[
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output", "report_only")]])
-    record = {"command": command, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+    record = {"command": command, "machine": machine(),
               "minutes": None if args.report_only else round((time.time() - started) / 60, 1),
               "settings": summaries}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quality.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "quality.md").write_text(render(record))
-    print(render(record))
+    write_results("quality", record, render(record))
 
 
 def render(record: dict) -> str:
@@ -102,7 +99,7 @@ def _verdict(name: str, s: dict) -> str:
             checks.append(f"LR-QAT G = {g:.3f} (target ≥ {TARGETS[name]:.2f}: {'met' if g >= TARGETS[name] else 'missed'})")
         for other in ("gptq", "qat"):
             if other in m:
-                checks.append(f"LR-QAT vs {METHOD_NAMES[other]}: ppl {m['lrqat']['ppl']:.3f} vs {m[other]['ppl']:.3f}")
+                checks.append(f"LR-QAT vs {METHODS[other].label}: ppl {m['lrqat']['ppl']:.3f} vs {m[other]['ppl']:.3f}")
         if "qat" in m:
             ratio = m["lrqat"]["peak_memory_mb"] / m["qat"]["peak_memory_mb"]
             checks.append(f"peak memory LR-QAT / full QAT = {ratio:.2f}")

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from _results import command, machine, write_results
+
 ROOT = Path(__file__).parent.parent
-RESULTS = Path(__file__).parent / "results"
 SETUPS = {"one": ("1 process", None), "ddp": ("DDP, 2 processes", "ddp.yaml"), "fsdp": ("FSDP, 2 processes", "fsdp.yaml")}
 
 
@@ -80,15 +80,11 @@ def main() -> None:
                          "peak_mb": worst["peak_mb"], "bill_mb": worst["bill_mb"],
                          "step_s": max(r["step_s"] for r in reports), "per_process": reports})
             print({k: v for k, v in rows[-1].items() if k != "per_process"}, flush=True)
-    meta = {"machine": f"{platform.machine()}, {platform.system()}", "variant": args.variant, "dtype": args.dtype,
+    meta = {"machine": machine(), "variant": args.variant, "dtype": args.dtype,
             "seq_len": args.seq_len, "rank": args.rank, "steps": args.steps,
-            "command": "python " + " ".join(sys.argv)}
-    RESULTS.mkdir(exist_ok=True)
-    name = f"sharding-{args.layers}-layers"  # one file per depth: shallow and deep models tell different stories
-    (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    table = render(rows, meta)
-    (RESULTS / f"{name}.md").write_text(table)
-    print(table)
+            "command": command()}
+    # one file per depth: shallow and deep models tell different stories
+    write_results(f"sharding-{args.layers}-layers", {"meta": meta, "rows": rows}, render(rows, meta))
 
 
 if __name__ == "__main__":
