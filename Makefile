@@ -25,8 +25,16 @@ lint: $(BIN)/lrqat
 
 # llama.cpp (through llama-cpp-python) is compiled from source: minutes on 2 cores,
 # so only the test target pays for it; pip's wheel cache keeps later builds instant.
+# Not for -march=native: on CPUs that advertise AMX, ggml then runs AMX tile
+# instructions that sandboxes and some kernels refuse (SIGILL, seen here); on x86-64
+# it targets AVX2/FMA/F16C (x86-64-v3) explicitly instead.
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS += -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+
 $(VENV)/.llamacpp: $(BIN)/lrqat
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install -q -e ".[llamacpp]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[llamacpp]"
 	touch $@
 
 test: setup lint $(VENV)/.llamacpp
