@@ -43,7 +43,7 @@ def test_rank_must_be_positive(tmp_path):
 
 def test_group_size_that_does_not_divide(tmp_path, tiny_model_dir, text_file):
     proc = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--granularity", "group",
-                   "--group-size", "48", "--output", str(tmp_path / "run"))
+                   "--group-size", "48", "--eval-context", "64", "--eval-tokens", "128", "--output", str(tmp_path / "run"))
     assert_clean_error(proc, "group size 48 does not divide the input dimension 64")
 
 

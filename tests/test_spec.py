@@ -104,6 +104,6 @@ def test_a_merged_model_of_the_older_layout_still_reads_its_grid(tmp_path):
 
     from lrqat.export.native import read_grid
 
-    (tmp_path / "quantization.json").write_text(json.dumps({"quant": {
+    (tmp_path / "quantization.json").write_text(json.dumps({"format": "lrqat-int", "version": 1, "layers": [], "quant": {
         "bits": 3, "symmetric": False, "group_size": 32, "init": "lp", "act_order": True, "damp": 0.01}}))
     assert read_grid(tmp_path) == QuantSpec(bits=3, symmetric=False, group_size=32)

@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", type=Path, help="run folder of `lrqat quantize` (or its model/ folder)")
     e.add_argument("--format", required=True, help=f"one or more of {', '.join(EXPORT_FORMATS)}, comma-separated")
     e.add_argument("--output", type=Path, help="destination (default RUN/export/FORMAT); a .gguf path for gguf")
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing destination that is not an earlier export of the same format")
 
     g = sub.add_parser("generate", help="generate text with a merged integer model")
     g.add_argument("run", type=Path, help="run folder of `lrqat quantize` (or its model/ folder)")
@@ -143,7 +145,10 @@ def load_recipe(path: Path | None) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise LrqatError(f"recipe file {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise LrqatError(f"recipe file {path} is not valid YAML{where}: {problem}.") from None
     if not isinstance(raw, dict):
         raise LrqatError(f"recipe file {path} must hold a mapping of settings.")
     return raw
@@ -201,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from lrqat.export.formats import export_many
 
-            print_exports(export_many(args.run, parse_choices(args.format, EXPORT_FORMATS, "export format"), args.output))
+            formats = parse_choices(args.format, EXPORT_FORMATS, "export format")
+            print_exports(export_many(args.run, formats, args.output, force=args.force))
             return 0
         if args.command == "generate":
             from lrqat.generate import generate
@@ -225,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except LrqatError as err:
         print(f"lrqat: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # before training (loading, evaluating): finished stages are kept, nothing else is lost
+        print("lrqat: error: interrupted before training started; rerun the same command (with --resume for a run) "
+              "to start again.", file=sys.stderr)
         return 2
 
 

@@ -98,24 +98,34 @@ def _join_words(words: list[str]) -> str:
 
 def iter_file_documents(path: Path) -> Iterator[Document]:
     """A file's documents, read lazily: one per .jsonl line ("text" field), or the whole .txt."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise LrqatError(f'{path}:{lineno} is not a JSON object with a "text" field.') from None
-                yield Document(f"{path.name}:{lineno}", text)
+    if path.suffix != ".jsonl":
+        try:
+            yield Document(path.name, path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise LrqatError(f"{path} is not UTF-8 text (byte {err.start}): convert it, e.g. with iconv.") from None
         return
-    yield Document(path.name, path.read_text(encoding="utf-8"))
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise LrqatError(f"{path}:{lineno} is not UTF-8 text: convert the file, e.g. with iconv.") from None
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise LrqatError(f'{path}:{lineno} is not a JSON object with a "text" field.') from None
+            if not isinstance(text, str):
+                raise LrqatError(f'{path}:{lineno}: "text" is {text!r}, not a string.')
+            yield Document(f"{path.name}:{lineno}", text)
 
 
 def source_files(source: str) -> list[Path]:
     """The .txt/.jsonl files of a local source (a file or a folder searched recursively)."""
-    check_source(source)
     path = Path(source).expanduser()
+    if not path.exists():
+        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         if not files:
@@ -163,11 +173,10 @@ def iter_hf_documents(source: str) -> Iterator[Document]:
 
 
 def check_source(source: str) -> None:
-    """Fail before any model is loaded when a local data source does not exist."""
-    if source.startswith(HF_PREFIX):
-        return
-    if source != "brown" and not Path(source).expanduser().exists():
-        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
+    """Fail before any model is loaded when a local data source does not exist or holds
+    no .txt/.jsonl file."""
+    if not (source.startswith(HF_PREFIX) or source == "brown"):
+        source_files(source)
 
 
 def iter_documents(source: str) -> Iterator[Document]:

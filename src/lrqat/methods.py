@@ -68,6 +68,7 @@ class Method:
     lr: float = 0.0
     lr_scales: float = 0.0
     calibrated: bool = False  # needs GPTQ's integers (calibration data) to build its layers
+    adapter: bool = False  # builds a low-rank adapter of `LRQATSpec.rank`
 
 
 METHODS: dict[str, Method] = {}
@@ -91,13 +92,13 @@ register(Method("peqa", "PEQA", "scales", lambda t: PEQALinear(t.linear, t.quant
                 lr_scales=1e-4))
 register(Method("naive-lora", "naive LoRA-QAT", "float A, B beside a fake-quantized base",
                 lambda t: NaiveLoRALinear(t.linear, t.quant, t.adapter, t.scales, t.zeros, t.generator, t.init),
-                lr=3e-4))
+                lr=3e-4, adapter=True))
 register(Method("qat", "full QAT", "every weight and scale", lambda t: QATLinear(t.linear, t.quant, t.scales, t.zeros),
                 lr=1e-4, lr_scales=1e-4))
 register(Method("lrqat", "LR-QAT", "A, B inside the rounding, and scales",
                 lambda t: LRQATLinear(t.linear, t.quant, t.adapter, t.scales, t.zeros, grid_weight=t.integers,
                                       generator=t.generator),
-                lr=3e-3, lr_scales=1e-4))
+                lr=3e-3, lr_scales=1e-4, adapter=True))
 
 
 def apply_method(

@@ -20,7 +20,15 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lrqat.errors import LrqatError
 
@@ -115,18 +123,54 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from any supported source."""
+def load_config(source: str) -> PretrainedConfig:
+    """The model's config, read before any weight: what early checks need. A checkpoint
+    that ships its own modelling code is refused (lrqat never runs a checkpoint's code)."""
     resolved = resolve_model(source)
     try:
-        AutoConfig.from_pretrained(resolved)
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)
     except OSError as err:
         raise LrqatError(
             f"unknown model {source!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-            f"not a local model directory, and not loadable from the hub ({str(err).splitlines()[0]})."
+            f"not a local model directory, and not loadable from the hub ({_first_line(err)})."
         ) from None
-    tokenizer = AutoTokenizer.from_pretrained(resolved)
-    model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "custom code" in str(err):
+            raise _remote_code(source) from None
+        raise LrqatError(f"model {source!r} has a config transformers cannot read ({_first_line(err)}).") from None
+    if getattr(config, "auto_map", None):
+        raise _remote_code(source)
+    return config
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def _remote_code(source: str) -> LrqatError:
+    return LrqatError(f"model {source!r} ships its own modelling code (auto_map in its config): lrqat does not run a "
+                      "checkpoint's own code; use a model whose architecture transformers provides.")
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder (or hub id), refused clearly when it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise LrqatError(f"{folder} has no usable tokenizer ({type(err).__name__}: {_first_line(err)}): "
+                         "add the model's tokenizer files to the folder.") from None
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from any supported source."""
+    load_config(source)
+    resolved = resolve_model(source)
+    tokenizer = load_tokenizer(resolved)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:
+        raise LrqatError(f"model {source!r}: its weights cannot be loaded ({type(err).__name__}: "
+                         f"{_first_line(err)}); check or replace the weight files.") from None
     model.eval()
     return model, tokenizer
 

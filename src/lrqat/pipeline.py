@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from transformers import PretrainedConfig
 
 from lrqat.blocks import load_token_data
 from lrqat.checkpoint import atomic_write_text
@@ -25,8 +26,8 @@ from lrqat.evaluate import perplexity
 from lrqat.export.formats import check_exportable, export_many
 from lrqat.export.native import save_quantized
 from lrqat.memory import peak_memory_mb
-from lrqat.methods import apply_method, apply_rtn, gptq_start
-from lrqat.models import load_model
+from lrqat.methods import Method, apply_method, apply_rtn, gptq_start
+from lrqat.models import load_config, load_model
 from lrqat.report import write_results
 from lrqat.rundir import RunDir, RunResult
 from lrqat.runtime import process_state
@@ -40,10 +41,30 @@ def _quiet(_: str) -> None:
     """The log of a non-main process: one process speaks for all."""
 
 
+def check_context(config: PretrainedConfig, spec: RunSpec) -> None:
+    """Refuse sequences longer than the model's positions (before any weight is loaded)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    for flag, length in (("--seq-len", spec.train.seq_len), ("--eval-context", spec.data.eval_context)):
+        if limit is not None and length > limit:
+            raise LrqatError(f"{flag} {length} is longer than the model's {limit} positions: use at most {limit}.")
+
+
+def check_adapter_fits(targets: list[tuple[str, torch.nn.Linear]], method: Method, rank: int) -> None:
+    """A low-rank adapter wider than a layer is not low rank: refuse before the evaluations."""
+    if not method.adapter:
+        return
+    for name, linear in targets:
+        width = min(linear.in_features, linear.out_features)
+        if rank > width:
+            raise LrqatError(f"--rank {rank} exceeds the smaller dimension {width} of layer {name}: use a rank ≤ {width}.")
+
+
 def check_output(run: ResolvedRun, resume: bool) -> RunDir:
     """Refuse to overwrite another run, or to resume one with other settings (read-only,
     so every process of a distributed run can check before any of them writes)."""
     out = RunDir(run.spec.output)
+    if out.root.exists() and not out.root.is_dir():
+        raise LrqatError(f"--output {out.root} is a file: choose a folder for the run.")
     if out.holds_run() and not resume:
         raise LrqatError(f"output folder {out.root} already holds a run: pass --resume to continue it, or choose another --output.")
     if resume and out.settings.exists():
@@ -89,12 +110,13 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     main = procs.is_main_process
     if not main:
         log = _quiet
-    log(f"loading model {spec.model}")
+    out = check_output(run, resume)
     with procs.main_process_first():
+        check_context(load_config(spec.model), spec)
+        log(f"loading model {spec.model}")
         model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
     model.to(procs.device)  # this process's GPU, or the CPU
-    check_targets(model, spec.quant, spec.targets)
-    out = check_output(run, resume)
+    check_adapter_fits(check_targets(model, spec.quant, spec.targets), method, spec.lrqat.rank)
     procs.wait_for_everyone()
     if main:
         claim_output(out, run)
@@ -111,6 +133,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
             seed=spec.train.seed, streaming=spec.data.streaming,
         )
     log(data.describe())
+    scored = int(data.eval.shape[0] * (data.eval.shape[1] - 1))
+    asked = spec.data.eval_tokens // spec.data.eval_context * spec.data.eval_context  # whole windows
+    if data.eval.numel() < asked:
+        log(f"note: the eval split holds fewer tokens than --eval-tokens {spec.data.eval_tokens}: "
+            f"scoring {scored} tokens in {data.eval.shape[0]} windows of {data.eval.shape[1]}")
 
     def evaluate(name: str, m: torch.nn.Module) -> float:
         started = time.perf_counter()
@@ -144,7 +171,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     if method.trained:
-        result = train(model, data.train, data.eval, spec.train, out.root, run.fingerprint, resume=resume)
+        result = train(model, data.train, data.eval, spec.train, out.root, run.fingerprint, resume=resume, log=log)
         model = result.model
         ppl_trained = evaluate(f"{method.name} (training-time)", model)
         merge_model(model)
@@ -155,14 +182,14 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         ppl_merged = ppl_rtn if method.name == "rtn" else evaluate(f"{method.name} merged", model)
         ppl_trained = ppl_merged
     if main:
-        save_quantized(model, tokenizer, out.model, quant)
+        save_quantized(model, tokenizer, out.model, quant, source=spec.model)
 
     results = RunResult(
         model=spec.model,
         data=spec.data.source,
         method=method.name,
-        spec=run.fingerprint,
-        eval_tokens=int(data.eval.shape[0] * (data.eval.shape[1] - 1)),
+        spec=run.settings,
+        eval_tokens=scored,
         context=int(data.eval.shape[1]),
         ppl={"float": ppl_float, "rtn": ppl_rtn, "ptq": ppl_ptq,
              method.name: ppl_trained, f"{method.name}_merged": ppl_merged},

@@ -89,7 +89,7 @@ class RunDir:
         return json.loads(self.stages.read_text()) if self.stages.exists() else {}
 
     def write_stages(self, values: dict[str, Any]) -> None:
-        atomic_write_text(self.stages, json.dumps(values, indent=2))
+        atomic_write_text(self.stages, strict_json(values, indent=2))
 
     def read_result(self) -> RunResult:
         return RunResult.from_dict(json.loads(self.results.read_text()))
@@ -133,8 +133,7 @@ class RunResult:
         return raw
 
     def to_json(self) -> str:
-        """JSON without NaN or infinity (not JSON): non-finite numbers become null."""
-        return json.dumps(_finite_or_none(self.to_dict()), indent=2, allow_nan=False) + "\n"
+        return strict_json(self.to_dict(), indent=2) + "\n"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunResult:
@@ -145,6 +144,11 @@ class RunResult:
 def gap_recovered(ppl_float: float, ppl_rtn: float, ppl: float) -> float | None:
     """The gap metric G (see `RunResult.gap_recovered`); None when RTN equals float."""
     return (ppl_rtn - ppl) / (ppl_rtn - ppl_float) if ppl_rtn != ppl_float else None
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """JSON without NaN or infinity (which are not JSON): non-finite numbers become null."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False)
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -15,6 +15,8 @@ import copy
 import dataclasses
 import math
 import re
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,13 +167,15 @@ class TrainSpec:
             if not _finite(getattr(self, name)):
                 raise LrqatError(f"{name.replace('_', '-')}={getattr(self, name)!r} must be a finite number.")
         if (self.lr or 0) < 0 or (self.lr_scales or 0) < 0:
-            raise LrqatError("learning rates must be non-negative.")
+            raise LrqatError(f"learning rates must be non-negative (lr={self.lr}, lr-scales={self.lr_scales}).")
+        if self.clip < 0:
+            raise LrqatError(f"clip={self.clip!r} must be >= 0 (0 turns clipping off).")
         if not 0 <= self.warmup < 1:
             raise LrqatError(f"warmup={self.warmup!r} is a fraction of the steps: choose a value in [0, 1).")
         if self.schedule not in SCHEDULES:
             raise LrqatError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
         if self.eval_every < 0 or self.save_every < 0:
-            raise LrqatError("eval-every and save-every must be >= 0 (0 turns them off).")
+            raise LrqatError(f"eval-every={self.eval_every} and save-every={self.save_every} must be >= 0 (0 turns them off).")
 
 
 @dataclass
@@ -270,15 +274,22 @@ class RunSpec:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunSpec:
         """Build from a nested dict (a YAML recipe), rejecting unknown keys by name."""
+        if not isinstance(raw, dict):
+            raise LrqatError(f"a recipe must be a mapping of settings, not {type(raw).__name__}.")
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key in SECTIONS:
-                kwargs[key] = _build(SECTIONS[key], value or {}, key)
+                kwargs[key] = _build(SECTIONS[key], {} if value is None else value, key)
             elif key in RUN_KEYS:
+                _check_type(cls, key, value, "recipe key ")
                 kwargs[key] = value
             else:
                 raise LrqatError(f"unknown recipe key {key!r}: expected one of {', '.join((*RUN_KEYS, *SECTIONS))}.")
         return cls(**kwargs)
+
+
+RESUMABLE_WITH_OTHER = ("lr", "lr_scales")
+"""Training settings a resumed run may change (the schedule continues at the new rates)."""
 
 
 @dataclass(frozen=True)
@@ -290,12 +301,21 @@ class ResolvedRun:
     processes: int = 1
 
     @property
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a checkpoint must match to be resumed: all but where the run
-        lives and what is exported after it."""
+    def settings(self) -> dict[str, Any]:
+        """Every setting that shapes the result: all but where the run lives and what is
+        exported after it (results.json records these)."""
         raw = self.spec.to_dict()
         raw.pop("output")
         raw.pop("export")
+        return raw
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a checkpoint must match to be resumed: `settings` without the
+        learning rates, which a user may lower to resume a run that diverged."""
+        raw = self.settings
+        for name in RESUMABLE_WITH_OTHER:
+            raw["train"].pop(name)
         return raw
 
     @property
@@ -321,6 +341,38 @@ def _build(cls: type, values: dict[str, Any], section: str) -> Any:
             f"unknown key(s) {', '.join(sorted(unknown))} in recipe section {section!r}: "
             f"expected some of {', '.join(sorted(known))}."
         )
+    for key, value in values.items():
+        _check_type(cls, key, value, f"recipe key {section}.")
     if "betas" in values:
         values = {**values, "betas": tuple(values["betas"])}
     return cls(**values)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a field's annotation (ints are accepted for floats)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, h) for h in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(map(_type_ok, value, args))
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    return True
+
+
+def _check_type(cls: type, key: str, value: Any, what: str) -> None:
+    """Refuse a recipe value of the wrong type, naming key, value and the expected type."""
+    hint = typing.get_type_hints(cls)[key]
+    if not _type_ok(value, hint):
+        expected = next(f.type for f in dataclasses.fields(cls) if f.name == key)
+        raise LrqatError(f"{what}{key} = {value!r} has the wrong type: expected {expected}.")

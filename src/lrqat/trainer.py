@@ -10,10 +10,14 @@ DDP/FSDP fork in `shard.distribute`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +31,20 @@ from tqdm.auto import tqdm
 from lrqat.blocks import BlockSource
 from lrqat.checkpoint import (
     CHECKPOINT_NAME,
+    NEXT_NAME,
     TrainState,
     load_optimizer_state,
     load_trainable_state,
     optimizer_state,
+    recover_checkpoints,
+    remove_stale_temps,
+    roll_back,
     trainable_state,
 )
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.memory import memory_bill, peak_memory_mb, reset_peak_memory
+from lrqat.rundir import strict_json
 from lrqat.runtime import use_cpu
 from lrqat.shard import distribute, full_tensor, gather_model
 from lrqat.spec import TrainSpec
@@ -66,6 +75,39 @@ def lr_factor(step: int, spec: TrainSpec) -> float:
     if spec.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return max(0.0, 1.0 - progress)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and `kill` send), handled like Ctrl-C: checkpoint, one line."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread (elsewhere: no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def first_non_finite(model: nn.Module) -> str:
+    """The first trainable tensor (or its gradient) holding NaN or infinity, by name."""
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not bool(torch.isfinite(p).all()):
+            return f"{name} (its values)"
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            return f"{name} (its gradient)"
+    return "none of the trainable tensors (the loss itself)"
 
 
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -111,9 +153,15 @@ class Trainer:
             self.accelerator.init_trackers("tensorboard")
         if spec.grad_checkpointing and hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if self.accelerator.is_main_process:
+            for name in (CHECKPOINT_NAME, NEXT_NAME):  # temp files of checkpoint writes that were killed
+                remove_stale_temps(out_dir / name)
+            recover_checkpoints(out_dir)
+        self.accelerator.wait_for_everyone()
         self.model, self.optimizer, self.skeleton = distribute(model, lambda m: build_optimizer(m, spec), self.accelerator)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, spec))
         self.step = 0
+        self.saved_step: int | None = None
         self.losses: list[float] = []
         self.elapsed = 0.0
 
@@ -139,6 +187,11 @@ class Trainer:
         return self.accelerator.unwrap_model(self.model)
 
     def save(self) -> None:
+        """Checkpoint the current step (once: the end of a run saving again would make the
+        kept previous checkpoint the same state)."""
+        if self.step == self.saved_step:
+            return
+        self.saved_step = self.step
         main = self.accelerator.is_main_process
         if not (main or self.sharded):  # gathering shards needs every process; a replica, only the main one
             return
@@ -146,7 +199,7 @@ class Trainer:
         trainable, optimizer = trainable_state(model), optimizer_state(model, self.optimizer)
         if main:
             TrainState(self.step, trainable, optimizer, self.scheduler.state_dict(), self.losses, self.elapsed,
-                       self.fingerprint).save(self.checkpoint_path)
+                       self.fingerprint).save(self.out_dir)
 
     def resume(self) -> None:
         state = TrainState.load(self.checkpoint_path, self.fingerprint)
@@ -154,22 +207,41 @@ class Trainer:
         load_trainable_state(model, state.trainable)
         load_optimizer_state(model, self.optimizer, state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
-        self.step = state.step
+        self.step = self.saved_step = state.step
         self.losses = list(state.losses)
         self.elapsed = state.elapsed
-        self._truncate_metrics()
+        self._apply_learning_rates()
+        self.truncate_metrics()
 
-    def _truncate_metrics(self) -> None:
-        """Drop metric lines written after the checkpoint, which the resumed run redoes."""
+    def _apply_learning_rates(self) -> None:
+        """The learning rates of this run's spec, also when they differ from the
+        checkpoint's (lowered after a divergence): the schedule continues from its step."""
+        rates = {"main": self.spec.lr, "scales": self.spec.lr_scales}
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = rates[group["name"]]
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(self.step, self.spec)
+
+    def truncate_metrics(self) -> None:
+        """Keep the metric lines up to the checkpoint's step (the resumed run redoes the
+        rest, and a run without a checkpoint starts over), dropping a line torn by a kill."""
         if not self.metrics_path.exists() or not self.accelerator.is_main_process:
             return
-        kept = [line for line in self.metrics_path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+        kept = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break  # a line half-written when the run was killed: it and anything after it
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
             with self.metrics_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(strict_json(record) + "\n")
         if self.spec.tensorboard:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
@@ -191,11 +263,32 @@ class Trainer:
                 self.accelerator.backward(loss)
             total += loss.detach().float()  # summed on the device: one host sync per step, not per micro-batch
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.clip)) if self.spec.clip > 0 else 0.0
+        # clip 0: the norm is measured (for the log and the divergence check), grads scaled by 1
+        grad_norm = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, self.spec.clip or math.inf)))
+        loss = float(self.accelerator.reduce(total, reduction="mean"))
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise LrqatError(
+                f"training diverged at step {self.step + 1}: loss {loss}, gradient norm {grad_norm}; first non-finite: "
+                f"{first_non_finite(self.accelerator.unwrap_model(self.model))}. Nothing of this step was applied; "
+                f"{self._keep_good_checkpoint()}: lower --lr / --lr-scales and rerun with --resume."
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(self.accelerator.reduce(total, reduction="mean")), float(grad_norm)
+        return loss, grad_norm
+
+    def _keep_good_checkpoint(self) -> str:
+        """After a divergence at step k+1: the checkpoint of step k holds the very state
+        that diverged, so the one before it is kept instead; an older one is good (the
+        steps after it had finite losses). Says which step a resume starts from."""
+        self.accelerator.wait_for_everyone()
+        kept: int | None = TrainState.peek_step(self.checkpoint_path) if self.checkpoint_path.exists() else None
+        if self.accelerator.is_main_process and kept == self.step:
+            kept = roll_back(self.out_dir)
+        self.accelerator.wait_for_everyone()
+        if kept is None:
+            return "no good checkpoint exists, so a resumed run starts from step 0"
+        return f"the checkpoint of step {kept} is kept"
 
     def run(self) -> TrainResult:
         spec = self.spec
@@ -206,26 +299,28 @@ class Trainer:
             disable=not self.accelerator.is_main_process, dynamic_ncols=True,
         )
         try:
-            while self.step < spec.steps:
-                lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
-                started = time.perf_counter()
-                loss, grad_norm = self.train_step()
-                self.elapsed += time.perf_counter() - started
-                self.step += 1
-                self.losses.append(loss)
-                record: dict[str, Any] = {"step": self.step, "loss": loss, "grad_norm": grad_norm, **lrs,
-                                          "tokens": self.step * tokens_per_step, "seconds": round(self.elapsed, 2)}
-                if spec.eval_every and (self.step % spec.eval_every == 0 or self.step == spec.steps):
-                    record["eval_ppl"] = perplexity(self.model, self.eval_blocks[: spec.eval_blocks]).ppl
-                self._log(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step * self.step / max(self.elapsed, 1e-9):.0f}")
-                if spec.save_every and self.step % spec.save_every == 0:
-                    self.save()
-        except KeyboardInterrupt:
+            with sigterm_as_interrupt():
+                while self.step < spec.steps:
+                    lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
+                    started = time.perf_counter()
+                    loss, grad_norm = self.train_step()
+                    self.elapsed += time.perf_counter() - started
+                    self.step += 1
+                    self.losses.append(loss)
+                    record: dict[str, Any] = {"step": self.step, "loss": loss, "grad_norm": grad_norm, **lrs,
+                                              "tokens": self.step * tokens_per_step, "seconds": round(self.elapsed, 2)}
+                    if spec.eval_every and (self.step % spec.eval_every == 0 or self.step == spec.steps):
+                        record["eval_ppl"] = perplexity(self.model, self.eval_blocks[: spec.eval_blocks]).ppl
+                    self._log(record)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step * self.step / max(self.elapsed, 1e-9):.0f}")
+                    if spec.save_every and self.step % spec.save_every == 0:
+                        self.save()
+        except KeyboardInterrupt as stop:
             self.save()
+            how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
             raise LrqatError(
-                f"interrupted at step {self.step}/{spec.steps}; the checkpoint is saved: "
+                f"{how} at step {self.step}/{spec.steps}; the checkpoint is saved: "
                 "rerun the same command with --resume to continue."
             ) from None
         finally:
@@ -253,6 +348,7 @@ def train(
     out_dir: Path,
     fingerprint: dict[str, Any] | None = None,
     resume: bool = False,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train `model` on `train_blocks` (a `BlockSource`: `PackedBlocks`, `TokenStream`);
     with `resume`, continue from the checkpoint in `out_dir`. The trained model is
@@ -265,4 +361,8 @@ def train(
     trainer = Trainer(model, train_blocks, eval_blocks, spec, Path(out_dir), fingerprint or {})
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
+    else:
+        if resume and trainer.accelerator.is_main_process:
+            log(f"no checkpoint in {out_dir}: training starts from step 0")
+        trainer.truncate_metrics()  # lines of a run killed before its first checkpoint
     return trainer.run()

@@ -7,7 +7,9 @@ the end, so an interrupted export never leaves a half-written artifact behind.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,34 +54,38 @@ def parameter_counts(model) -> tuple[int, int]:
     return n_quantized, n_quantized + biases + rest
 
 
-def export(path: Path, fmt: str, output: Path | None = None) -> dict[str, Any]:
+def export(path: Path, fmt: str, output: Path | None = None, force: bool = False) -> dict[str, Any]:
     """Export the merged model in `path` (run or model folder) as `fmt`; return a report."""
-    return export_many(path, [fmt], output)[0]
+    return export_many(path, [fmt], output, force)[0]
 
 
-def export_many(path: Path, formats: list[str], output: Path | None = None) -> list[dict[str, Any]]:
+def export_many(path: Path, formats: list[str], output: Path | None = None, force: bool = False) -> list[dict[str, Any]]:
     """Export the merged model in `path` in each of `formats`, loading it once.
 
     `output` (one destination) needs a single format; by default each goes to
-    RUN/export/FORMAT. Settings GGUF cannot hold exactly are refused before loading.
+    RUN/export/FORMAT. Settings GGUF cannot hold exactly, and destinations an export
+    could lose files in (an existing folder that is not an earlier export of the same
+    format, unless `force`; never a run folder, a folder above the model, or home) are
+    refused before loading.
     """
     formats = parse_choices(",".join(formats), FORMATS, "export format")
     if output is not None and len(formats) > 1:
         raise LrqatError("--output names one destination: export one format at a time, or leave --output out.")
-    from transformers import AutoTokenizer
-
     from lrqat.export.native import load_quantized, read_grid
+    from lrqat.models import load_tokenizer
 
     source = merged_model_dir(path)
     spec = read_grid(source)
     check_exportable(formats, spec)
-    model = load_quantized(source)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     run_dir = RunDir(source.parent if source.name == "model" else source)
+    destinations = {fmt: Path(output).expanduser() if output else run_dir.export(fmt) for fmt in formats}
+    for fmt, destination in destinations.items():
+        check_destination(fmt, destination, source, force)
+    model = load_quantized(source)
+    tokenizer = load_tokenizer(source)
     n_quantized, n_all = parameter_counts(model)
     reports = []
-    for fmt in formats:
-        destination = Path(output) if output else run_dir.export(fmt)
+    for fmt, destination in destinations.items():
         report: dict[str, Any] = {"format": fmt, "source": str(source), "quant": spec.describe()}
         written = write_format(fmt, model, tokenizer, source, spec, destination, report)
         size = folder_bytes(written)
@@ -91,25 +97,112 @@ def export_many(path: Path, formats: list[str], output: Path | None = None) -> l
     return reports
 
 
+MARKER = ".lrqat-export.json"
+"""Written into every folder an export creates: what kind of export it holds, so a later
+export may replace it (and nothing else) without --force."""
+
+
+def earlier_export(path: Path, fmt: str) -> bool:
+    """True if `path` is an export of format `fmt` that lrqat wrote (safe to replace)."""
+    marker = (path if path.is_dir() else path.parent) / MARKER
+    try:
+        return json.loads(marker.read_text()).get("format") == fmt
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def protected_reason(destination: Path, source: Path) -> str | None:
+    """Why `destination` must never be replaced by an export, even with --force: the home
+    or root folder, the merged model or its run, a folder above them, or another run."""
+    dest = destination.expanduser().resolve()
+    src = source.resolve()
+    if dest in (Path.home().resolve(), Path(dest.anchor)):
+        return "it is your home or the root folder"
+    if dest == src or dest in src.parents:
+        return f"it holds the merged model being exported ({source})"
+    if dest.is_dir() and (RunDir(dest).holds_run() or RunDir(dest).results.exists() or (dest / "quantization.json").exists()):
+        return "it is an lrqat run or merged model folder"
+    return None
+
+
+def earlier_gguf(path: Path) -> bool:
+    """True if `path` is a GGUF file lrqat wrote (it carries the `lrqat.export` key)."""
+    import gguf
+
+    try:
+        return "lrqat.export" in gguf.GGUFReader(path).fields
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
+        return False
+
+
+def check_destination(fmt: str, destination: Path, source: Path, force: bool) -> None:
+    """Refuse, before anything is written, a destination an export could lose files in."""
+    if fmt == "gguf" and destination.suffix == ".gguf":
+        if destination.is_dir():
+            raise LrqatError(f"gguf export destination {destination} is a folder: name a .gguf file, or a folder without .gguf.")
+        if destination.exists() and not force and not earlier_gguf(destination):
+            raise LrqatError(f"{destination} exists and is not an earlier lrqat GGUF export: choose another --output, "
+                             "or pass --force to replace it.")
+        return
+    reason = protected_reason(destination, source)
+    if reason is not None:
+        raise LrqatError(f"will not export {fmt} into {destination}: {reason}. Choose another --output.")
+    if destination.is_file() and fmt != "gguf":
+        raise LrqatError(f"{fmt} export destination {destination} is a file: choose a folder with --output.")
+    exists = destination.exists() and not (destination.is_dir() and not any(destination.iterdir()))
+    if exists and not force and not earlier_export(destination, fmt):
+        raise LrqatError(
+            f"{destination} exists and is not an earlier lrqat {fmt} export: choose another --output, "
+            "or pass --force to replace it."
+        )
+
+
+def replace_with(staging: Path, destination: Path) -> None:
+    """Move the finished `staging` folder to `destination`; an existing destination (already
+    checked) is moved aside first and deleted only once the new one is in place."""
+    old = None
+    if destination.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
+        old.rmdir()
+        destination.rename(old)
+    staging.rename(destination)
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+
+
 def write_format(fmt: str, model, tokenizer, source: Path, spec: QuantSpec, output: Path,
                  report: dict[str, Any]) -> Path:
-    """Write one format to `output` (atomically); add what the writer measured to `report`."""
-    if fmt == "gguf":
-        from lrqat.export.gguf_llama import export_gguf
+    """Write one format to `output` (a fresh folder beside it, renamed into place at the
+    end); add what the writer measured to `report`. The destination was checked."""
+    gguf_file = fmt == "gguf" and output.suffix == ".gguf"
+    destination = output.parent if gguf_file else output
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        if fmt == "gguf":
+            from lrqat.export.gguf_llama import export_gguf
 
-        target = output if output.suffix == ".gguf" else output / "model.gguf"
-        report.update(dataclasses.asdict(export_gguf(model, tokenizer, source, spec, target)))
-        return target
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    if fmt == "compressed-tensors":
-        from lrqat.export.compressed import save_compressed_tensors
+            if gguf_file:  # a single file: written beside its destination, then renamed over it
+                gguf_report = export_gguf(model, tokenizer, source, spec, staging / output.name)
+                (staging / output.name).replace(output)
+                shutil.rmtree(staging)
+                report.update(dataclasses.asdict(gguf_report), path=str(output))
+                return output
+            report.update(dataclasses.asdict(export_gguf(model, tokenizer, source, spec, staging / "model.gguf")))
+        elif fmt == "compressed-tensors":
+            from lrqat.export.compressed import save_compressed_tensors
 
-        report["quantized_layer_bytes"] = save_compressed_tensors(model, tokenizer, partial, spec)
-    else:
-        from lrqat.export.dequantized import save_dequantized
+            report["quantized_layer_bytes"] = save_compressed_tensors(model, tokenizer, staging, spec)
+        else:
+            from lrqat.export.dequantized import save_dequantized
 
-        save_dequantized(model, tokenizer, partial)
-    shutil.rmtree(output, ignore_errors=True)
-    partial.rename(output)
-    return output
+            save_dequantized(model, tokenizer, staging)
+        (staging / MARKER).write_text(json.dumps({"format": fmt, "source": str(source)}) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_with(staging, destination)
+    return destination / "model.gguf" if fmt == "gguf" else destination

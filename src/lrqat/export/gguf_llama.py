@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lrqat.errors import LrqatError
+from lrqat.export.native import source_model
 from lrqat.export.tensors import exact_in, quant_layers, unquantized_tensors
 from lrqat.layers import QuantLinear
 from lrqat.spec import QuantSpec
@@ -172,14 +173,15 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, f
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def add_llama_metadata(writer: gguf.GGUFWriter, config, file_type: gguf.LlamaFileType) -> None:
+def add_llama_metadata(writer: gguf.GGUFWriter, config, file_type: gguf.LlamaFileType, name: str) -> None:
     rope = getattr(config, "rope_parameters", None) or {}
     scaling = rope.get("rope_type", "default") if rope else (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default")
     if scaling != "default":
         raise LrqatError(f"GGUF export handles plain RoPE only; this model uses rope scaling {scaling!r}.")
     theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     heads = config.num_attention_heads
-    writer.add_name(getattr(config, "_name_or_path", "") or "lrqat model")
+    writer.add_name(name)
+    writer.add_string("lrqat.export", "gguf")  # marks the file as ours: a later export may replace it
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -202,7 +204,7 @@ def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pa
     kind = block_type_for(spec)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    add_llama_metadata(writer, config, FILE_TYPES[kind])
+    add_llama_metadata(writer, config, FILE_TYPES[kind], model_name(folder))
     add_tokenizer(writer, tokenizer, folder, config.vocab_size)
     heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
     max_weight_change = max_scale_change = 0.0
@@ -232,6 +234,17 @@ def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pa
     writer.close()
     partial.replace(path)
     return GGUFReport(str(path), kind.name, path.stat().st_size, quantized_bytes, max_weight_change, max_scale_change, float_types)
+
+
+def model_name(folder: Path) -> str:
+    """The model's own name for `general.name`: what the run was started from (a built-in
+    name, a hub id, or the name of a local model folder), never a local path, which says
+    nothing about the model and shows the user's folders."""
+    source = source_model(folder)
+    if source is None:
+        return "lrqat model"
+    path = Path(source).expanduser()
+    return path.name if path.is_absolute() or source.startswith((".", "~")) or path.exists() else source
 
 
 def gguf_name(names: gguf.TensorNameMap, hf_name: str) -> str:

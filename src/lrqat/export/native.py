@@ -19,13 +19,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
 from lrqat.export.tensors import quant_layers, unique_tensors
 from lrqat.layers import QuantLinear
+from lrqat.models import load_config
 from lrqat.spec import QuantSpec
 from lrqat.surgery import replace_module
 
@@ -33,8 +34,10 @@ FORMAT = "lrqat-int"
 FORMAT_VERSION = 1
 
 
-def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec) -> Path:
-    """Write a merged model (its target linears already `QuantLinear`) to `folder`."""
+def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec,
+                   source: str | None = None) -> Path:
+    """Write a merged model (its target linears already `QuantLinear`) to `folder`;
+    `source` is the model the run started from (a built-in name, hub id or folder)."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers: merge it before saving")
@@ -48,30 +51,47 @@ def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, 
         "version": FORMAT_VERSION,
         "quant": dataclasses.asdict(spec),
         "layers": [name for name, _ in layers],
+        "source_model": source,
     }
     atomic_write_text(folder / "quantization.json", json.dumps(meta, indent=2))
     return folder
+
+
+def read_meta(model_dir: Path) -> dict:
+    """A merged model's `quantization.json`, refused clearly when missing or damaged."""
+    path = Path(model_dir) / "quantization.json"
+    if not path.is_file():
+        raise LrqatError(f"{model_dir} holds no quantization.json: it is not a merged lrqat model.")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise LrqatError(f"{path} is damaged ({err}): re-run or re-export the model.") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("quant"), dict) or not isinstance(meta.get("layers"), list):
+        raise LrqatError(f"{path} is damaged (not the structure lrqat writes): re-run or re-export the model.")
+    if meta.get("format") != FORMAT:
+        raise LrqatError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
+    return meta
+
+
+def source_model(model_dir: Path) -> str | None:
+    """The model a merged model was quantized from, as its run named it (None if unrecorded)."""
+    return read_meta(model_dir).get("source_model")
 
 
 def read_grid(model_dir: Path) -> QuantSpec:
     """The integer grid recorded in a merged model's `quantization.json` (files written
     before the grid and the PTQ options were separated also held `init`, `act_order`,
     `damp`: those are not part of the grid and are ignored)."""
-    raw = json.loads((model_dir / "quantization.json").read_text())["quant"]
+    raw = read_meta(model_dir)["quant"]
     return QuantSpec(**{f.name: raw[f.name] for f in dataclasses.fields(QuantSpec) if f.name in raw})
 
 
 def load_quantized(folder: Path) -> nn.Module:
     """Rebuild the integer model written by `save_quantized`."""
     folder = Path(folder)
-    meta_path = folder / "quantization.json"
-    if not meta_path.is_file():
-        raise LrqatError(f"{folder} holds no quantization.json: it is not a merged lrqat model.")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise LrqatError(f"{meta_path} has format {meta.get('format')!r}, expected {FORMAT!r}.")
+    meta = read_meta(folder)
     spec = read_grid(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(str(folder))
     # Uninitialised float weights are never touched (so never resident): the quantized
     # layers replace them and everything else is assigned from the file.
     with no_init_weights():
@@ -80,6 +100,10 @@ def load_quantized(folder: Path) -> nn.Module:
         state = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError) as err:
         raise LrqatError(f"{folder / 'model.safetensors'} is unreadable ({err}): re-export the model.") from None
+    absent = [f"{name}.{part}" for name in meta["layers"] for part in ("qweight", "scales") if f"{name}.{part}" not in state]
+    if absent:
+        raise LrqatError(f"{folder / 'model.safetensors'} lacks {len(absent)} tensors of its quantized layers "
+                         f"(first: {absent[0]}): re-export the model.")
     for name in meta["layers"]:
         linear = model.get_submodule(name)
         out_f, in_f = linear.weight.shape
