@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrqat: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # before training (loading, evaluating): finished stages are kept, nothing else is lost
-        print("lrqat: error: interrupted before training started; rerun the same command (with --resume for a run) "
-              "to start again.", file=sys.stderr)
+        # outside the training loop (which checkpoints itself): loading, evaluating, exporting
+        print("lrqat: error: interrupted; finished evaluations and the last checkpoint are kept: rerun the same "
+              "command (with --resume for a run) to continue.", file=sys.stderr)
         return 2
 
 

@@ -104,9 +104,8 @@ export may replace it (and nothing else) without --force."""
 
 def earlier_export(path: Path, fmt: str) -> bool:
     """True if `path` is an export of format `fmt` that lrqat wrote (safe to replace)."""
-    marker = (path if path.is_dir() else path.parent) / MARKER
     try:
-        return json.loads(marker.read_text()).get("format") == fmt
+        return json.loads((path / MARKER).read_text()).get("format") == fmt
     except (OSError, ValueError, AttributeError):
         return False
 
