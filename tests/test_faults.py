@@ -217,3 +217,22 @@ def test_gguf_names_the_model_not_a_local_path(merged_run, tiny_model_dir, tmp_p
     name = bytes(field.parts[field.data[0]]).decode()
     assert name == tiny_model_dir.name and "/" not in name
     assert export(merged_run, "gguf", tmp_path / "tiny.gguf")["path"] == path  # our own GGUF may be replaced
+
+
+def test_the_cli_resumes_a_diverged_run_at_lower_rates(tmp_path, tiny_model_dir, text_file, capsys):
+    """The user's path: `--lr` far too high stops with one line; the same command with lower
+    rates and `--resume` finishes the run from the kept checkpoint (rates may change on resume,
+    nothing else may)."""
+    common = ["quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--output", str(tmp_path / "run"),
+              "--steps", "8", "--batch-size", "2", "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128",
+              "--rank", "4", "--init", "minmax", "--warmup", "0", "--save-every", "1"]
+    assert main([*common, "--lr", "1e30", "--lr-scales", "1e30"]) == 2
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "--resume" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert main([*common, "--lr", "1e-2", "--lr-scales", "1e-4", "--resume"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["train"]["steps"] == 8 and results["spec"]["train"]["lr"] == 1e-2
+    assert metric_steps(tmp_path / "run") == list(range(1, 9))
+    assert main([*common, "--bits", "3", "--lr", "1e-2", "--resume"]) == 2  # other settings: still refused
+    assert "other settings" in capsys.readouterr().err
