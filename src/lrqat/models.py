@@ -194,10 +194,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_config(source: str) -> PretrainedConfig:
+def load_config(source: str, resolved: str | None = None) -> PretrainedConfig:
     """The model's config, read before any weight: what early checks need. A checkpoint
-    that ships its own modelling code is refused (lrqat never runs a checkpoint's code)."""
-    resolved = resolve_model(source)
+    that ships its own modelling code is refused (lrqat never runs a checkpoint's code).
+    `resolved` (from `resolve_model`) saves resolving the source again."""
+    resolved = resolve_model(source) if resolved is None else resolved
     try:
         config = AutoConfig.from_pretrained(resolved, trust_remote_code=False)
     except OSError as err:
@@ -234,8 +235,8 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
 
 def load_model(source: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from any supported source."""
-    load_config(source)
     resolved = resolve_model(source)
+    load_config(source, resolved)
     tokenizer = load_tokenizer(resolved)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, trust_remote_code=False)

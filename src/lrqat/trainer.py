@@ -44,13 +44,11 @@ from lrqat.checkpoint import (
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.memory import memory_bill, peak_memory_mb, reset_peak_memory
-from lrqat.rundir import strict_json
+from lrqat.rundir import RunDir, strict_json
 from lrqat.runtime import use_cpu
 from lrqat.shard import distribute, full_tensor, gather_model
 from lrqat.spec import TrainSpec
 from lrqat.surgery import trainable_groups
-
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -167,11 +165,11 @@ class Trainer:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
+        return RunDir(self.out_dir).checkpoint
 
     @property
     def metrics_path(self) -> Path:
-        return self.out_dir / METRICS_NAME
+        return RunDir(self.out_dir).metrics
 
     def global_batch(self) -> int:
         return self.spec.batch_size * self.spec.grad_accum * self.accelerator.num_processes
