@@ -13,6 +13,7 @@ import yaml
 from lrqat.errors import LrqatError
 from lrqat.methods import METHODS
 from lrqat.phi import PHI_FORMATS
+from lrqat.rotation import ROTATIONS
 from lrqat.spec import DTYPES, EXPORT_FORMATS, PTQ_INITS, SCHEDULES, RunSpec, parse_choices
 
 # flag name → (section, field) of RunSpec
@@ -22,6 +23,9 @@ _FLAG_FIELDS = {
     "method": (None, "method"),
     "dtype": (None, "dtype"),
     "targets": (None, "targets"),
+    "rotate": (None, "rotate"),
+    "act_bits": ("act", "bits"),
+    "kv_bits": ("act", "kv_bits"),
     "calib_tokens": ("ptq", "calib_tokens"),
     "damp": ("ptq", "damp"),
     "data": ("data", "source"),
@@ -104,6 +108,12 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     sym = q.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="signed grid, no zero point (default)")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="unsigned grid with zero points")
+    q.add_argument("--act-bits", type=int, help="activation bits: 16 (float, default), 8 or 4; dynamic per-token "
+                   "asymmetric on every quantized linear's input and on Q")
+    q.add_argument("--kv-bits", type=int, help="KV-cache bits: 16 (float, default), 8 or 4; per token and head, "
+                   "K after RoPE")
+    q.add_argument("--rotate", choices=ROTATIONS, help="Hadamard rotations before quantizing (QuaRot): R1/R2 merged "
+                   "into the weights, R3/R4 online where activations or the KV cache are quantized (default none)")
     q.add_argument("--granularity", help="'channel' (one scale per output channel) or 'group' / 'g128' (per group)")
     q.add_argument("--group-size", type=int, help="input columns per scale with --granularity group (default 128)")
     q.add_argument("--init", choices=PTQ_INITS,

@@ -28,6 +28,7 @@ from lrqat.export.native import save_quantized
 from lrqat.memory import peak_memory_mb
 from lrqat.methods import Method, apply_method, apply_rtn, gptq_start
 from lrqat.models import load_config, load_model
+from lrqat.online import check_model, planned_rotation, prepare
 from lrqat.report import write_results
 from lrqat.rundir import RunDir, RunResult
 from lrqat.runtime import process_state
@@ -106,7 +107,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     run = spec.resolve(procs.num_processes)
     spec, method = run.spec, run.method
     check_source(spec.data.source)
-    check_exportable(spec.export, spec.quant)  # refuse before hours of training, not after
+    # refuse before hours of training, not after
+    check_exportable(spec.export, spec.quant, spec.act, planned_rotation(spec.rotate, spec.act))
     main = procs.is_main_process
     if not main:
         log = _quiet
@@ -116,7 +118,9 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         log(f"loading model {spec.model}")
         model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
     model.to(procs.device)  # this process's GPU, or the CPU
-    check_adapter_fits(check_targets(model, spec.quant, spec.targets), method, spec.lrqat.rank)
+    found = check_targets(model, spec.quant, spec.targets)
+    check_adapter_fits(found, method, spec.lrqat.rank)
+    check_model(model, spec.rotate)
     procs.wait_for_everyone()
     if main:
         claim_output(out, run)
@@ -146,6 +150,14 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         return ppl
 
     ppl_float = stages.get("ppl_float", lambda: evaluate("float", model))
+    # Rotations and activation/KV quantizers come before the weights are quantized: range
+    # init, GPTQ and Φ0 all see the rotated weights; every model below carries them.
+    if spec.rotate != "none":
+        log(f"rotating the model ({spec.rotate})")
+    rotation = prepare(model, spec.act, spec.rotate, spec.train.seed, [name for name, _ in found])
+    ppl_online = {}
+    if spec.act.active:
+        ppl_online["float_act"] = stages.get("ppl_float_act", lambda: evaluate(f"float {spec.act.describe()}", model))
     quant, ptq, targets = spec.quant, spec.ptq, spec.targets
     log(f"range init ({ptq.range_init}) for {quant.describe()}")
     ranges = init_ranges(model, quant, targets, ptq.range_init)
@@ -182,7 +194,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         ppl_merged = ppl_rtn if method.name == "rtn" else evaluate(f"{method.name} merged", model)
         ppl_trained = ppl_merged
     if main:
-        save_quantized(model, tokenizer, out.model, quant, source=spec.model)
+        save_quantized(model, tokenizer, out.model, quant, source=spec.model, act=spec.act, rotation=rotation)
 
     results = RunResult(
         model=spec.model,
@@ -191,7 +203,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         spec=run.settings,
         eval_tokens=scored,
         context=int(data.eval.shape[1]),
-        ppl={"float": ppl_float, "rtn": ppl_rtn, "ptq": ppl_ptq,
+        ppl={"float": ppl_float, **ppl_online, "rtn": ppl_rtn, "ptq": ppl_ptq,
              method.name: ppl_trained, f"{method.name}_merged": ppl_merged},
         merged_vs_training_rel_diff=abs(ppl_merged - ppl_trained) / ppl_trained,
         rtn_tie_differences=ties,

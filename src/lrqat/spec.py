@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lrqat.activations import ActSpec
 from lrqat.errors import LrqatError
 from lrqat.methods import DEFAULT_TARGETS, METHODS, Method
 from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
+from lrqat.rotation import ROTATIONS
 
 PTQ_INITS = (*RANGE_SETTINGS, "gptq")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -214,8 +216,8 @@ def parse_choices(text: str, choices: Sequence[str], noun: str) -> list[str]:
     return names
 
 
-SECTIONS = {"quant": QuantSpec, "ptq": PTQSpec, "lrqat": LRQATSpec, "train": TrainSpec, "data": DataSpec}
-RUN_KEYS = ("model", "output", "method", "targets", "dtype", "export")
+SECTIONS = {"quant": QuantSpec, "act": ActSpec, "ptq": PTQSpec, "lrqat": LRQATSpec, "train": TrainSpec, "data": DataSpec}
+RUN_KEYS = ("model", "output", "method", "targets", "dtype", "rotate", "export")
 
 
 @dataclass
@@ -230,9 +232,14 @@ class RunSpec:
     # compute dtype of the model: "bf16" keeps frozen float tensors (embeddings, norms,
     # head) and activations in bfloat16; trainable A, B, s (and QAT's weights) stay fp32
     dtype: str = "fp32"
+    # Hadamard rotations before quantization: "none" or "hadamard" (R1/R2 merged into
+    # the weights; R3/R4 online where activation/KV quantizers benefit)
+    rotate: str = "none"
     # formats to export the merged model to after the run (RUN/export/FORMAT)
     export: list[str] = field(default_factory=list)
     quant: QuantSpec = field(default_factory=QuantSpec)
+    # activation and KV-cache bit widths (16 = float)
+    act: ActSpec = field(default_factory=ActSpec)
     ptq: PTQSpec = field(default_factory=PTQSpec)
     lrqat: LRQATSpec = field(default_factory=LRQATSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -244,6 +251,8 @@ class RunSpec:
             raise LrqatError(f"unknown dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}.")
         if self.method not in METHODS:
             raise LrqatError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
+        if self.rotate not in ROTATIONS:
+            raise LrqatError(f"unknown rotation {self.rotate!r}: choose one of {', '.join(ROTATIONS)}.")
         if self.export:
             parse_choices(",".join(self.export), EXPORT_FORMATS, "export format")
         try:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lrqat.activations import InputQuantizer
 from lrqat.errors import LrqatError
 from lrqat.layers import LRQATLinear, QuantLinear, TrainableLayer, TrainableQuantLayer
 from lrqat.ranges import init_params
@@ -44,8 +45,15 @@ def check_targets(model: nn.Module, quant: QuantSpec, pattern: str) -> list[tupl
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Swap the submodule `name` for `new`; its input quantizer (and online rotation),
+    if any, moves along, so method surgery and merging keep what the forward applies."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child, None)
+    if isinstance(old, nn.Module):
+        for hook in old._forward_pre_hooks.values():
+            if isinstance(hook, InputQuantizer):
+                new.register_forward_pre_hook(hook)
     setattr(parent, child, new)
 
 

@@ -19,13 +19,18 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lrqat.activations import ActSpec
 from lrqat.errors import LrqatError
 from lrqat.export.tensors import compact_float, quant_layers, unquantized_tensors
 from lrqat.spec import QuantSpec
 
 
-def quantization_config(model: nn.Module, spec: QuantSpec) -> dict:
-    """The `quantization_config` block of `config.json`, built with the library's classes."""
+def quantization_config(model: nn.Module, spec: QuantSpec, act: ActSpec | None = None) -> dict:
+    """The `quantization_config` block of `config.json`, built with the library's classes.
+
+    8-bit activations are written as compressed-tensors' dynamic per-token asymmetric
+    int8 input scheme: min–max per token, the grid lrqat trained with (compressed-tensors
+    computes the same scale (max − min)/255 and zero point)."""
     weights = QuantizationArgs(
         num_bits=spec.bits,
         type="int",
@@ -34,10 +39,16 @@ def quantization_config(model: nn.Module, spec: QuantSpec) -> dict:
         group_size=spec.group_size,
         scale_dtype=torch.float32,
     )
+    inputs = None
+    if act is not None and act.bits < 16:
+        if act.bits != 8:
+            raise LrqatError(f"compressed-tensors exports 8-bit activations, not {act.bits}-bit ones.")
+        inputs = QuantizationArgs(num_bits=8, type="int", symmetric=False, strategy="token", dynamic=True)
     quantized = {name for name, _ in quant_layers(model)}
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
     config = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, format="pack-quantized")},
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs,
+                                                       format="pack-quantized")},
         format="pack-quantized",
         quantization_status="compressed",
         ignore=ignore,
@@ -52,7 +63,8 @@ def signed_codes(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 def save_compressed_tensors(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec,
+    act: ActSpec | None = None,
 ) -> int:
     """Write `model` (merged: its targets are `QuantLinear`) as a pack-quantized HF folder.
 
@@ -73,7 +85,7 @@ def save_compressed_tensors(
     rest = {k: compact_float(v) for k, v in unquantized_tensors(model).items()}
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.__class__.from_dict(model.config.to_dict())
-    config.quantization_config = quantization_config(model, spec)
+    config.quantization_config = quantization_config(model, spec, act)
     config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)

@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from lrqat.activations import ActSpec
 from lrqat.errors import LrqatError
+from lrqat.rotation import RotationRecord
 from lrqat.rundir import RunDir
 from lrqat.spec import EXPORT_FORMATS as FORMATS
 from lrqat.spec import QuantSpec, parse_choices
@@ -28,13 +30,36 @@ def merged_model_dir(path: Path) -> Path:
     raise LrqatError(f"{path} is neither an lrqat run folder nor a merged model folder (no quantization.json): run `lrqat quantize` first.")
 
 
-def check_exportable(formats: list[str], spec: QuantSpec) -> None:
-    """Refuse formats that cannot hold `spec`'s grid exactly, before anything is loaded."""
+def check_exportable(formats: list[str], spec: QuantSpec, act: ActSpec | None = None,
+                     rotation: RotationRecord | None = None) -> None:
+    """Refuse formats that cannot hold the model exactly (its grid, its activation/KV
+    quantizers, its online rotations), before anything is loaded, naming what does export."""
     formats = parse_choices(",".join(formats), FORMATS, "export format") if formats else []
+    act, rotation = act or ActSpec(), rotation or RotationRecord()
+    online = [what for what, on in (("the online down_proj rotation (R4)", rotation.online_down_proj),
+                                    ("the online Q/K rotation (R3)", rotation.online_qk)) if on]
+    for fmt in formats:
+        if online:
+            raise LrqatError(f"{fmt} cannot hold {' and '.join(online)}: a rotated model exports when its "
+                             "activations and KV cache stay float (--act-bits 16 --kv-bits 16: R1/R2 live in the "
+                             "weights), or quantize activations without --rotate.")
     if "gguf" in formats:
         from lrqat.export.gguf_llama import block_type_for
 
         block_type_for(spec)
+        if act.bits < 16:
+            raise LrqatError(f"gguf cannot hold {act.bits}-bit activations (llama.cpp quantizes no activations): "
+                             "export compressed-tensors for A8, or quantize with --act-bits 16.")
+    if "compressed-tensors" in formats:
+        if act.bits == 4:
+            raise LrqatError("compressed-tensors exports 8-bit activations (dynamic per-token int8, which vLLM runs), "
+                             "not 4-bit ones: quantize with --act-bits 8 or 16.")
+        if act.kv_bits < 16:
+            raise LrqatError(f"compressed-tensors has no dynamic per-token {act.kv_bits}-bit KV-cache scheme: export "
+                             "gguf (llama.cpp's own q8_0/q4_0 cache) or quantize with --kv-bits 16.")
+    if "hf-dequantized" in formats and act.active:
+        raise LrqatError(f"hf-dequantized is a plain float checkpoint and would drop the {act.describe()} quantizers: "
+                         "export compressed-tensors (A8) or gguf, or quantize with --act-bits 16 --kv-bits 16.")
 
 
 def folder_bytes(path: Path) -> int:
@@ -71,12 +96,13 @@ def export_many(path: Path, formats: list[str], output: Path | None = None, forc
     formats = parse_choices(",".join(formats), FORMATS, "export format")
     if output is not None and len(formats) > 1:
         raise LrqatError("--output names one destination: export one format at a time, or leave --output out.")
-    from lrqat.export.native import load_quantized, read_grid
+    from lrqat.export.native import load_quantized, read_grid, read_online
     from lrqat.models import load_tokenizer
 
     source = merged_model_dir(path)
     spec = read_grid(source)
-    check_exportable(formats, spec)
+    act, rotation = read_online(source)
+    check_exportable(formats, spec, act, rotation)
     run_dir = RunDir(source.parent if source.name == "model" else source)
     destinations = {fmt: Path(output).expanduser() if output else run_dir.export(fmt) for fmt in formats}
     for fmt, destination in destinations.items():
@@ -87,7 +113,9 @@ def export_many(path: Path, formats: list[str], output: Path | None = None, forc
     reports = []
     for fmt, destination in destinations.items():
         report: dict[str, Any] = {"format": fmt, "source": str(source), "quant": spec.describe()}
-        written = write_format(fmt, model, tokenizer, source, spec, destination, report)
+        if act.active:
+            report["act"] = act.describe()
+        written = write_format(fmt, model, tokenizer, source, spec, destination, report, act)
         size = folder_bytes(written)
         report.update(path=str(written), bytes=size, ratio_to_fp32=size / (4 * n_all), ratio_to_bf16=size / (2 * n_all))
         if "quantized_layer_bytes" in report:
@@ -172,8 +200,20 @@ def replace_with(staging: Path, destination: Path) -> None:
             old.unlink()
 
 
+LLAMA_CPP_CACHE_TYPES = {8: "q8_0", 4: "q4_0"}
+
+
+def add_cache_types(report: dict[str, Any], act: ActSpec | None) -> None:
+    """A KV-quantized model runs in llama.cpp with its own cache types (blocks of 32
+    values, one scale each), the nearest it has to lrqat's per-token grid: name them."""
+    if act is not None and act.kv_bits < 16:
+        kind = LLAMA_CPP_CACHE_TYPES[act.kv_bits]
+        report["llama_cpp_cache"] = {"type_k": kind, "type_v": kind,
+                                     "flags": f"--cache-type-k {kind} --cache-type-v {kind} --flash-attn on"}
+
+
 def write_format(fmt: str, model, tokenizer, source: Path, spec: QuantSpec, output: Path,
-                 report: dict[str, Any]) -> Path:
+                 report: dict[str, Any], act: ActSpec | None = None) -> Path:
     """Write one format to `output` (a fresh folder beside it, renamed into place at the
     end); add what the writer measured to `report`. The destination was checked."""
     gguf_file = fmt == "gguf" and output.suffix == ".gguf"
@@ -189,12 +229,14 @@ def write_format(fmt: str, model, tokenizer, source: Path, spec: QuantSpec, outp
                 (staging / output.name).replace(output)
                 shutil.rmtree(staging)
                 report.update(dataclasses.asdict(gguf_report), path=str(output))
+                add_cache_types(report, act)
                 return output
             report.update(dataclasses.asdict(export_gguf(model, tokenizer, source, spec, staging / "model.gguf")))
+            add_cache_types(report, act)
         elif fmt == "compressed-tensors":
             from lrqat.export.compressed import save_compressed_tensors
 
-            report["quantized_layer_bytes"] = save_compressed_tensors(model, tokenizer, staging, spec)
+            report["quantized_layer_bytes"] = save_compressed_tensors(model, tokenizer, staging, spec, act)
         else:
             from lrqat.export.dequantized import save_dequantized
 

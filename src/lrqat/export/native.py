@@ -7,6 +7,9 @@ A folder with the model's `config.json`, its tokenizer, `model.safetensors` and
 - `NAME.scales` float32 `(out, in/g)`; `NAME.zeros` float32 integer values
   (asymmetric grids only); `NAME.bias` if the layer has one.
 Everything else (embeddings, norms, head) is stored as float, as it was trained.
+`quantization.json` also records what the forward pass applies beyond the weights: the
+activation/KV bit widths (`act`) and the online rotations (`rotation`); R1/R2 rotations
+are already in the weights. `load_quantized` installs them again.
 """
 
 from __future__ import annotations
@@ -22,11 +25,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
+from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
 from lrqat.export.tensors import quant_layers, unique_tensors
 from lrqat.layers import QuantLinear
 from lrqat.models import load_config
+from lrqat.online import apply_online
+from lrqat.rotation import RotationRecord
 from lrqat.spec import QuantSpec
 from lrqat.surgery import replace_module
 
@@ -35,14 +41,15 @@ FORMAT_VERSION = 1
 
 
 def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, folder: Path, spec: QuantSpec,
-                   source: str | None = None) -> Path:
+                   source: str | None = None, act: ActSpec | None = None, rotation: RotationRecord | None = None) -> Path:
     """Write a merged model (its target linears already `QuantLinear`) to `folder`;
-    `source` is the model the run started from (a built-in name, hub id or folder)."""
+    `source` is the model the run started from (a built-in name, hub id or folder);
+    `act` and `rotation` what its forward applies beyond the weights."""
     layers = quant_layers(model)
     if not layers:
         raise ValueError("the model has no QuantLinear layers: merge it before saving")
     folder.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(folder)
+    model.config.save_pretrained(folder)  # (its attention implementation is not serialised)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     save_file(unique_tensors(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -52,6 +59,8 @@ def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, 
         "quant": dataclasses.asdict(spec),
         "layers": [name for name, _ in layers],
         "source_model": source,
+        "act": dataclasses.asdict(act or ActSpec()),
+        "rotation": dataclasses.asdict(rotation or RotationRecord()),
     }
     atomic_write_text(folder / "quantization.json", json.dumps(meta, indent=2))
     return folder
@@ -86,6 +95,19 @@ def read_grid(model_dir: Path) -> QuantSpec:
     return QuantSpec(**{f.name: raw[f.name] for f in dataclasses.fields(QuantSpec) if f.name in raw})
 
 
+def read_online(model_dir: Path) -> tuple[ActSpec, RotationRecord]:
+    """The activation/KV bits and online rotations a merged model's forward applies
+    (models written before these existed: none)."""
+    meta = read_meta(model_dir)
+    raw = meta.get("act") or {}
+    act = ActSpec(**{f.name: raw[f.name] for f in dataclasses.fields(ActSpec) if f.name in raw})
+    try:
+        act.validate()
+    except LrqatError as err:
+        raise LrqatError(f"{Path(model_dir) / 'quantization.json'} is damaged ({err})") from None
+    return act, RotationRecord.from_dict(meta.get("rotation"))
+
+
 def load_quantized(folder: Path) -> nn.Module:
     """Rebuild the integer model written by `save_quantized`."""
     folder = Path(folder)
@@ -116,5 +138,7 @@ def load_quantized(folder: Path) -> nn.Module:
     if set(missing) - tied or unexpected:
         raise LrqatError(f"{folder} does not match its config: missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]}.")
     model.tie_weights()
+    act, rotation = read_online(folder)
+    apply_online(model, act, rotation, meta["layers"])
     model.eval()
     return model

@@ -1,0 +1,159 @@
+"""Weights, activations and KV cache: every method at W-A-KV 4-16-16, 4-8-8, 4-8-4 and
+4-4-4, without and with Hadamard rotations, on the built-in model and corpus.
+
+Each (setting, rotation) pair is one `lrqat compare` at equal tokens (run folders under
+`runs/weight_activation/`, so an interrupted benchmark resumes). G is measured against
+RTN at the same W-A-KV setting *without* rotation: G = (ppl_RTN − ppl)/(ppl_RTN − ppl_float).
+Also timed: one LR-QAT forward+backward with the activation quantizers (and online
+rotations) on and off, interleaved in one process. Writes
+`benchmarks/results/weight_activation.{json,md}`.
+
+    .venv/bin/python benchmarks/weight_activation.py               # the recorded budget
+    .venv/bin/python benchmarks/weight_activation.py --steps 2 --settings 4-4-4 --methods rtn,lrqat
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from _results import machine, write_results
+
+from lrqat.activations import ActSpec
+from lrqat.compare import run_compare
+from lrqat.methods import METHODS
+from lrqat.rundir import RunDir, gap_recovered
+from lrqat.spec import DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
+
+SETTINGS = {"4-16-16": ActSpec(16, 16), "4-8-8": ActSpec(8, 8), "4-8-4": ActSpec(8, 4), "4-4-4": ActSpec(4, 4)}
+METHOD_ORDER = ("rtn", "gptq", "peqa", "qat", "lrqat")
+WEIGHTS = QuantSpec(bits=4, symmetric=True, group_size=None)
+
+
+def quantizer_overhead(reps: int, seq_len: int) -> dict:
+    """Median seconds of one LR-QAT forward+backward (batch 1) with the quantizers off,
+    at A8 KV8, and at A4 KV4 with R3/R4 online: all in one process, interleaved."""
+    import torch
+
+    from lrqat.methods import apply_method
+    from lrqat.models import load_model
+    from lrqat.online import prepare
+    from lrqat.spec import LRQATSpec
+    from lrqat.surgery import find_targets, init_ranges
+
+    variants = {"A16 KV16": (ActSpec(), "none"), "A8 KV8": (ActSpec(8, 8), "none"),
+                "A4 KV4 + R1-R4": (ActSpec(4, 4), "hadamard")}
+    models = {}
+    for name, (act, rotate) in variants.items():
+        model, _ = load_model("smollm2-135m")
+        targets = [n for n, _ in find_targets(model, r"\.(q|k|v|o|gate|up|down)_proj$")]
+        prepare(model, act, rotate, 0, targets)
+        apply_method("lrqat", model, WEIGHTS, LRQATSpec(), init_ranges(model, WEIGHTS, r"\.(q|k|v|o|gate|up|down)_proj$",
+                                                                          "minmax"))
+        model.train()
+        models[name] = model
+    ids = torch.randint(0, 49152, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(reps + 1):
+        for name, model in models.items():
+            started = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            if rep:  # the first pass warms up
+                times[name].append(time.perf_counter() - started)
+            model.zero_grad(set_to_none=True)
+    base = statistics.median(times["A16 KV16"])
+    return {name: {"seconds": statistics.median(t), "ratio": statistics.median(t) / base} for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps of every trained method")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--rotations", default="none,hadamard")
+    parser.add_argument("--methods", default=",".join(METHOD_ORDER))
+    parser.add_argument("--overhead-reps", type=int, default=5, help="0 skips the overhead timing")
+    parser.add_argument("--output", default="runs/weight_activation")
+    args = parser.parse_args()
+
+    started = time.time()
+    overhead = quantizer_overhead(args.overhead_reps, args.seq_len) if args.overhead_reps else {}
+    rows = {}
+    for setting in args.settings.split(","):
+        for rotate in args.rotations.split(","):
+            spec = RunSpec(
+                output=f"{args.output}/{setting}-{rotate}", rotate=rotate, act=SETTINGS[setting], quant=WEIGHTS,
+                ptq=PTQSpec(calib_tokens=args.calib_tokens),
+                train=TrainSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, save_every=4),
+                data=DataSpec(eval_tokens=args.eval_tokens),
+            )
+            methods = args.methods.split(",")
+            summary = run_compare(spec, methods)
+            first = RunDir(spec.output).method_run(methods[0]).read_result()
+            summary["ppl_float_act"] = first.ppl.get("float_act", first.ppl["float"])
+            rows[f"{setting}/{rotate}"] = summary
+    for key, summary in rows.items():
+        setting = key.split("/")[0]
+        reference = rows.get(f"{setting}/none", summary)
+        for m in summary["methods"].values():
+            m["G"] = gap_recovered(reference["ppl_float"], reference["ppl_rtn"], m["ppl"])
+    command = " ".join(["python benchmarks/weight_activation.py", *[
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"]])
+    record = {"command": command, "machine": machine(), "minutes": round((time.time() - started) / 60, 1),
+              "tokens_per_method": args.steps * args.batch_size * args.seq_len, "overhead": overhead, "rows": rows}
+    write_results("weight_activation", record, render(record))
+
+
+def render(record: dict) -> str:
+    rows = record["rows"]
+    methods = [m for m in METHOD_ORDER if any(m in r["methods"] for r in rows.values())]
+    rotations = sorted({k.split("/")[1] for k in rows}, key=["none", "hadamard"].index)
+    settings = list(dict.fromkeys(k.split("/")[0] for k in rows))
+    first = next(iter(rows.values()))
+    lines = [
+        "# Weights, activations and KV cache",
+        "",
+        f"Command: `{record['command']}` ({record['minutes']} min, {record['machine']}).",
+        "",
+        (f"Model {first['model']}, data {first['data']}; merged-model perplexity on {first['eval_tokens']} held-out "
+         f"tokens (windows of {first['context']}); weights W4 per-channel symmetric; every trained method gets "
+         f"{record['tokens_per_method']:,} training tokens at its default rates. Float (W16 A16 KV16): "
+         f"{first['ppl_float']:.3f}. G = (ppl_RTN − ppl)/(ppl_RTN − ppl_float) with RTN at the same W-A-KV setting "
+         "without rotation. Activations: dynamic per-token asymmetric (Q too); KV: per token and head, K after RoPE."),
+        "",
+        "| W-A-KV | rotation | float weights, quantized A/KV | " + " | ".join(METHODS[m].label for m in methods) + " |",
+        "|---|---|---|" + "---|" * len(methods),
+    ]
+    for setting in settings:
+        for rotate in rotations:
+            r = rows.get(f"{setting}/{rotate}")
+            if r is None:
+                continue
+            cells = []
+            for m in methods:
+                v = r["methods"].get(m)
+                cells.append("–" if v is None else f"{v['ppl']:.2f} (G {v['G']:.2f})" if v["G"] is not None
+                             else f"{v['ppl']:.2f}")
+            lines.append(f"| {setting} | {rotate} | {r['ppl_float_act']:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Per-method training time (s) and peak memory (MB) of each run:", "",
+              "| W-A-KV | rotation | " + " | ".join(f"{METHODS[m].label} s / MB" for m in methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for key, r in rows.items():
+        setting, rotate = key.split("/")
+        cells = [f"{v['train_seconds']:.0f} / {v['peak_memory_mb']:.0f}" if (v := r["methods"].get(m)) else "–"
+                 for m in methods]
+        lines.append(f"| {setting} | {rotate} | " + " | ".join(cells) + " |")
+    if record["overhead"]:
+        lines += ["", ("Activation-quantizer overhead: one LR-QAT forward+backward of the built-in model (batch 1, "
+                  "sequence as trained), median, interleaved in one process:"), "",
+                  "| quantizers | seconds | ratio to none |", "|---|---|---|"]
+        lines += [f"| {n} | {v['seconds']:.3f} | {v['ratio']:.2f} |" for n, v in record["overhead"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
