@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 from _results import machine, write_results
 
@@ -66,6 +67,36 @@ def quantizer_overhead(reps: int, seq_len: int) -> dict:
     return {name: {"seconds": statistics.median(t), "ratio": statistics.median(t) / base} for name, t in times.items()}
 
 
+def llama_cpp_kv(run: Path, eval_tokens: int) -> dict:
+    """The W4 LR-QAT model (4-16-16, no rotation) exported to GGUF and scored by llama.cpp
+    with its KV cache in f16, q8_0 and q4_0, beside lrqat's own per-token KV8/KV4 on the
+    same merged model and the same eval windows."""
+    import tempfile
+
+    from lrqat.blocks import load_token_data
+    from lrqat.evaluate import llama_cpp_perplexity, perplexity
+    from lrqat.export.formats import export
+    from lrqat.export.native import load_quantized
+    from lrqat.models import load_tokenizer
+    from lrqat.online import apply_online
+    from lrqat.rotation import RotationRecord
+
+    model_dir = run / "model"
+    data = load_token_data(load_tokenizer(model_dir), "brown", 256, 1024, eval_tokens, 0.1, max_train_tokens=256,
+                           seed=0, streaming=False)
+    result: dict = {"model": str(model_dir), "tokens": int(data.eval.shape[0] * (data.eval.shape[1] - 1))}
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = export(run, "gguf", Path(tmp) / "model.gguf")["path"]
+        for cache in ("f16", "q8_0", "q4_0"):
+            result[f"llama.cpp {cache}"] = llama_cpp_perplexity(gguf, data.eval, cache_type=cache).ppl
+    model = load_quantized(model_dir)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"]
+    for kv in (16, 8, 4):
+        apply_online(model, ActSpec(16, kv), RotationRecord(), names)
+        result[f"lrqat KV{kv}"] = perplexity(model, data.eval).ppl
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps of every trained method")
@@ -78,7 +109,19 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHOD_ORDER))
     parser.add_argument("--overhead-reps", type=int, default=5, help="0 skips the overhead timing")
     parser.add_argument("--output", default="runs/weight_activation")
+    parser.add_argument("--llama-cpp-kv", action="store_true",
+                        help="only add llama.cpp's KV-cache types on the finished 4-16-16 LR-QAT model to the results")
     args = parser.parse_args()
+    if args.llama_cpp_kv:
+        import json
+
+        from _results import RESULTS
+
+        record = json.loads((RESULTS / "weight_activation.json").read_text())
+        record["llama_cpp_kv"] = llama_cpp_kv(Path(args.output) / "4-16-16-none" / "lrqat", args.eval_tokens)
+        record["llama_cpp_kv"]["command"] = "python benchmarks/weight_activation.py --llama-cpp-kv"
+        write_results("weight_activation", record, render(record))
+        return
 
     started = time.time()
     overhead = quantizer_overhead(args.overhead_reps, args.seq_len) if args.overhead_reps else {}
@@ -102,7 +145,7 @@ def main() -> None:
         for m in summary["methods"].values():
             m["G"] = gap_recovered(reference["ppl_float"], reference["ppl_rtn"], m["ppl"])
     command = " ".join(["python benchmarks/weight_activation.py", *[
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output"]])
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output", "llama_cpp_kv")]])
     record = {"command": command, "machine": machine(), "minutes": round((time.time() - started) / 60, 1),
               "tokens_per_method": args.steps * args.batch_size * args.seq_len, "overhead": overhead, "rows": rows}
     write_results("weight_activation", record, render(record))
@@ -152,6 +195,16 @@ def render(record: dict) -> str:
                   "sequence as trained), median, interleaved in one process:"), "",
                   "| quantizers | seconds | ratio to none |", "|---|---|---|"]
         lines += [f"| {n} | {v['seconds']:.3f} | {v['ratio']:.2f} |" for n, v in record["overhead"].items()]
+    kv = record.get("llama_cpp_kv")
+    if kv:
+        lines += ["", (f"KV cache in llama.cpp (`{kv['command']}`): the W4 LR-QAT model of the 4-16-16 row exported to "
+                       f"GGUF and scored by llama.cpp on the same {kv['tokens']} tokens (windows of 1,024) with its own "
+                       "cache types (blocks of 32 values, one fp16 scale each; flash attention on for quantized "
+                       "caches), beside lrqat's per-token, per-head KV quantizer on the same merged model:"), "",
+                  "| KV cache | llama.cpp | lrqat |", "|---|---|---|",
+                  f"| 16-bit | {kv['llama.cpp f16']:.3f} (f16) | {kv['lrqat KV16']:.3f} |",
+                  f"| 8-bit | {kv['llama.cpp q8_0']:.3f} (q8_0) | {kv['lrqat KV8']:.3f} |",
+                  f"| 4-bit | {kv['llama.cpp q4_0']:.3f} (q4_0) | {kv['lrqat KV4']:.3f} |"]
     return "\n".join(lines) + "\n"
 
 

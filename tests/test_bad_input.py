@@ -28,9 +28,26 @@ class Ctx:
     run: Path
     tmp: Path
 
-    def quantize(self, *flags: str) -> list[str]:
-        return ["quantize", "--model", str(self.model), "--data", str(self.text), "--output", str(self.tmp / "out"),
-                *SMALL, *flags]
+    def quantize(self, *flags: str, model: str | None = None) -> list[str]:
+        return ["quantize", "--model", model or str(self.model), "--data", str(self.text), "--output",
+                str(self.tmp / "out"), *SMALL, *flags]
+
+    def fresh_model(self, **changes) -> str:
+        """A random model like the tiny one with `changes` to its config, saved with its tokenizer."""
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(self.model)
+        for key, value in changes.items():
+            setattr(config, key, value)
+        from safetensors.torch import save_file
+
+        dest = self.tmp / "fresh-model"
+        dest.mkdir()
+        config.save_pretrained(dest)  # weights written directly: save_pretrained draws a progress bar
+        save_file({k: v.contiguous() for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()
+                   if k != "lm_head.weight"}, str(dest / "model.safetensors"), metadata={"format": "pt"})
+        AutoTokenizer.from_pretrained(self.model).save_pretrained(dest)
+        return str(dest)
 
     def write(self, name: str, content: str | bytes) -> str:
         path = self.tmp / name
@@ -108,6 +125,15 @@ CASES: list[Case] = [
     ("seq-len-one", lambda c: c.quantize("--seq-len", "1"), "seq-len=1"),
     ("grad-accum-zero", lambda c: c.quantize("--grad-accum", "0"), "grad-accum=0"),
     ("eval-context-one", lambda c: c.quantize("--eval-context", "1"), "eval context 1"),
+    ("act-bits-not-offered", lambda c: c.quantize("--act-bits", "6"), "--act-bits 6"),
+    ("kv-bits-not-offered", lambda c: c.quantize("--kv-bits", "2"), "--kv-bits 2"),
+    ("rotate-unknown", lambda c: c.quantize("--rotate", "givens"), "'givens'"),
+    ("rotate-odd-head-dim", lambda c: c.quantize("--rotate", "hadamard", model=c.fresh_model(
+        hidden_size=24, intermediate_size=48, head_dim=6)), "head dimension 6"),
+    ("export-a8-to-gguf", lambda c: c.quantize("--act-bits", "8", "--export", "gguf"), "--act-bits 16"),
+    ("export-rotated-kv4", lambda c: c.quantize("--rotate", "hadamard", "--kv-bits", "4", "--export",
+                                                 "compressed-tensors"), "R3"),
+    ("recipe-act-bits-string", lambda c: c.recipe("act:\n  bits: eight\n"), "act.bits"),
     ("eval-tokens-below-context", lambda c: c.quantize("--eval-tokens", "10"), "eval tokens 10"),
     ("eval-every-negative", lambda c: c.quantize("--eval-every", "-1"), "eval-every=-1"),
     ("save-every-negative", lambda c: c.quantize("--save-every", "-2"), "save-every=-2"),

@@ -72,7 +72,7 @@ def summarize(rows: dict[str, RunResult]) -> dict[str, Any]:
             "trainable_params": r.trainable_params,
         }
     return {
-        "model": first.model, "data": first.data, "spec": {k: first.spec[k] for k in ("quant", "ptq", "lrqat", "train")},
+        "model": first.model, "data": first.data, "spec": {k: first.spec.get(k) for k in ("quant", "act", "rotate", "ptq", "lrqat", "train")},
         "eval_tokens": first.eval_tokens, "context": first.context,
         "ppl_float": ppl_float, "ppl_rtn": ppl_rtn, "methods": methods,
     }
@@ -81,8 +81,11 @@ def summarize(rows: dict[str, RunResult]) -> dict[str, Any]:
 def render_compare(s: dict[str, Any]) -> str:
     q = s["spec"]["quant"]
     gran = "per-channel" if q["group_size"] is None else f"g{q['group_size']}"
+    act = s["spec"].get("act") or {"bits": 16, "kv_bits": 16}
+    online = "" if act["bits"] == act["kv_bits"] == 16 else f" A{act['bits']} KV{act['kv_bits']}"
+    rotation = "" if s["spec"].get("rotate", "none") == "none" else f", {s['spec']['rotate']} rotation"
     lines = [
-        f"# Method comparison: {s['model']}, W{q['bits']} {gran} {'sym' if q['symmetric'] else 'asym'}",
+        f"# Method comparison: {s['model']}, W{q['bits']} {gran} {'sym' if q['symmetric'] else 'asym'}{online}{rotation}",
         "",
         (f"Perplexity of the merged integer model on {s['eval_tokens']} held-out tokens ({s['data']}, windows of "
         f"{s['context']}). Float: {s['ppl_float']:.3f}. G = (ppl_rtn − ppl) / (ppl_rtn − ppl_float)."),

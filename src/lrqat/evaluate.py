@@ -41,13 +41,17 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> P
     return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens, context=int(blocks.shape[1]))
 
 
-def llama_cpp_perplexity(gguf_path: str, blocks: torch.Tensor, threads: int = 2) -> Perplexity:
+def llama_cpp_perplexity(gguf_path: str, blocks: torch.Tensor, threads: int = 2, cache_type: str = "f16") -> Perplexity:
     """The same measure computed by llama.cpp (llama-cpp-python) on a GGUF file: each block
-    in a fresh context, with llama.cpp's own kernels, so an export is judged by its engine."""
+    in a fresh context, with llama.cpp's own kernels, so an export is judged by its engine.
+    `cache_type` is llama.cpp's KV-cache type for K and V (`f16`, `q8_0`, `q4_0`); a
+    quantized V cache needs flash attention, which is then switched on."""
+    import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_ctx=blocks.shape[1], logits_all=True, verbose=False, n_threads=threads)
+    kind = getattr(llama_cpp, f"GGML_TYPE_{cache_type.upper()}")
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=blocks.shape[1], logits_all=True, verbose=False,
+                          n_threads=threads, type_k=kind, type_v=kind, flash_attn=cache_type != "f16")
     total_nll, total_tokens = 0.0, 0
     for block in blocks.tolist():
         llm.reset()

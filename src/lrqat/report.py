@@ -17,7 +17,12 @@ def render_report(r: RunResult) -> str:
     q, ptq, lr, t = r.spec["quant"], r.spec["ptq"], r.spec["lrqat"], r.train
     gran = "per-channel" if q["group_size"] is None else f"group {q['group_size']}"
     name = method.label
-    rows = [("float (unquantized)", ppl["float"]), (f"RTN ({'lp' if ptq['init'] == 'gptq' else ptq['init']} ranges)", ppl["rtn"])]
+    act = r.spec.get("act") or {"bits": 16, "kv_bits": 16}
+    online = f"A{act['bits']} KV{act['kv_bits']}"
+    rows = [("float (unquantized)", ppl["float"])]
+    if "float_act" in ppl:
+        rows.append((f"float weights, {online}", ppl["float_act"]))
+    rows.append((f"RTN ({'lp' if ptq['init'] == 'gptq' else ptq['init']} ranges)", ppl["rtn"]))
     if ptq["init"] == "gptq":
         rows.append(("GPTQ, the PTQ start", ppl["ptq"]))
     if not method.trained:
@@ -28,8 +33,9 @@ def render_report(r: RunResult) -> str:
     lines = [
         f"# lrqat report: {name} on {r.model}",
         "",
-        (f"W{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'} {gran}, "
-        f"phi={lr['phi']}, rank {lr['rank']}, alpha {lr['alpha']}. Data: {r.data}."),
+        (f"W{q['bits']} {'symmetric' if q['symmetric'] else 'asymmetric'} {gran}, {online}, "
+        f"rotation {r.spec.get('rotate', 'none')}, phi={lr['phi']}, rank {lr['rank']}, alpha {lr['alpha']}. "
+        f"Data: {r.data}."),
         "",
         (f"Perplexity on {r.eval_tokens} held-out tokens scored in non-overlapping windows of "
         f"{r.context} tokens."),
