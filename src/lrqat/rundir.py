@@ -114,8 +114,12 @@ class RunResult:
     sharding: str
     distributed: str
     train: dict[str, Any]
-    model_dir: str
+    model_dir: str  # "" for a reference method that saves no integer model (float-lora)
     exports: list[dict[str, Any]] = field(default_factory=list)
+    # the same perplexities on the --eval-data corpus (empty without one)
+    ppl_ood: dict[str, float] = field(default_factory=dict)
+    eval_data: str | None = None
+    eval_data_tokens: int = 0
 
     @property
     def ppl_merged(self) -> float:
@@ -127,9 +131,23 @@ class RunResult:
         float that the method closes (1 = float quality, 0 = no better than RTN)."""
         return gap_recovered(self.ppl["float"], self.ppl["rtn"], self.ppl_merged)
 
+    @property
+    def gaps(self) -> dict[str, float | None]:
+        """G against RTN (`g_rtn`) and against GPTQ (`g_gptq`, where GPTQ was evaluated),
+        on the held-out split and (`ood_` prefix) on the --eval-data corpus."""
+        out: dict[str, float | None] = {}
+        for prefix, ppl in (("", self.ppl), ("ood_", self.ppl_ood)):
+            merged = ppl.get(f"{self.method}_merged")
+            if merged is None:
+                continue
+            out[f"{prefix}g_rtn"] = gap_recovered(ppl["float"], ppl["rtn"], merged)
+            out[f"{prefix}g_gptq"] = gap_recovered(ppl["float"], ppl["gptq"], merged) if "gptq" in ppl else None
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         raw = dataclasses.asdict(self)
         raw["gap_recovered"] = self.gap_recovered
+        raw["gaps"] = self.gaps
         return raw
 
     def to_json(self) -> str:
@@ -141,9 +159,10 @@ class RunResult:
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
-def gap_recovered(ppl_float: float, ppl_rtn: float, ppl: float) -> float | None:
-    """The gap metric G (see `RunResult.gap_recovered`); None when RTN equals float."""
-    return (ppl_rtn - ppl) / (ppl_rtn - ppl_float) if ppl_rtn != ppl_float else None
+def gap_recovered(ppl_float: float, ppl_baseline: float, ppl: float) -> float | None:
+    """The gap metric G against a baseline (RTN: `RunResult.gap_recovered`; or GPTQ):
+    (ppl_baseline − ppl) / (ppl_baseline − ppl_float); None when the baseline equals float."""
+    return (ppl_baseline - ppl) / (ppl_baseline - ppl_float) if ppl_baseline != ppl_float else None
 
 
 def strict_json(value: Any, indent: int | None = None) -> str:

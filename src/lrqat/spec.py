@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrqat.activations import ActSpec
+from lrqat.distill import LOSSES, TEACHERS, check_phi0_teacher
 from lrqat.errors import LrqatError
 from lrqat.methods import DEFAULT_TARGETS, METHODS, Method
 from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
 from lrqat.rotation import ROTATIONS
 
-PTQ_INITS = (*RANGE_SETTINGS, "gptq")
+PTQ_INITS = (*RANGE_SETTINGS, "gptq", "block-ap")
 SCHEDULES = ("linear", "cosine", "constant")
 
 
@@ -79,12 +80,20 @@ class QuantSpec:
 @dataclass
 class PTQSpec:
     """How the post-training start is found: the range setting `init` (`minmax`, the
-    `lp` search, or `gptq`: `lp` ranges with GPTQ's integers) and GPTQ's options."""
+    `lp` search; or a calibrated start from `lp` ranges: `gptq` (GPTQ's integers) or
+    `block-ap` (Block-AP's integers and scales)) and their options."""
 
     init: str = "lp"
     act_order: bool = True
     damp: float = 0.01
     calib_tokens: int = 16384
+    # also evaluate GPTQ as a baseline (for G_GPTQ), whatever the method's start
+    gptq_baseline: bool = False
+    # Block-AP (`--init block-ap`, `--method block-ap`): passes over the calibration
+    # sequences per block, and AdamW rates of the weights and of the scales
+    blockap_epochs: int = 2
+    blockap_lr: float = 1e-5
+    blockap_lr_scales: float = 1e-4
 
     def validate(self) -> None:
         if self.init not in PTQ_INITS:
@@ -93,11 +102,17 @@ class PTQSpec:
             raise LrqatError(f"GPTQ damping {self.damp!r} is a fraction of the mean Hessian diagonal: choose [0, 1).")
         if not isinstance(self.calib_tokens, int) or self.calib_tokens <= 0:
             raise LrqatError(f"calib-tokens={self.calib_tokens!r} must be a positive integer.")
+        if not isinstance(self.blockap_epochs, int) or self.blockap_epochs <= 0:
+            raise LrqatError(f"blockap-epochs={self.blockap_epochs!r} must be a positive integer.")
+        for name in ("blockap_lr", "blockap_lr_scales"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise LrqatError(f"{name.replace('_', '-')}={value!r} must be a finite non-negative number.")
 
     @property
     def range_init(self) -> str:
-        """The range setting: GPTQ starts from the `lp` ranges."""
-        return "lp" if self.init == "gptq" else self.init
+        """The range setting: the calibrated starts (GPTQ, Block-AP) begin at the `lp` ranges."""
+        return self.init if self.init in RANGE_SETTINGS else "lp"
 
 
 def _finite(value: float | None) -> bool:
@@ -148,6 +163,14 @@ class TrainSpec:
     max_tokens: int | None = None
     # also log the metrics to TensorBoard (OUTPUT/tensorboard)
     tensorboard: bool = False
+    # the objective: "ce" (next-token cross-entropy), "kd" (distillation from `teacher`)
+    # or "ce+kd" (weight `kd_weight` on KD); KD at temperature `kd_temperature`
+    loss: str = "ce"
+    teacher: str = "float"
+    kd_temperature: float = 1.0
+    kd_weight: float = 0.5
+    # tokens kept per position by the `cache` teacher
+    kd_top_k: int = 64
 
     def steps_for(self, processes: int) -> int:
         """Optimizer steps of this run: `steps`, or enough to train on `max_tokens`."""
@@ -176,6 +199,16 @@ class TrainSpec:
             raise LrqatError(f"warmup={self.warmup!r} is a fraction of the steps: choose a value in [0, 1).")
         if self.schedule not in SCHEDULES:
             raise LrqatError(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+        if self.loss not in LOSSES:
+            raise LrqatError(f"unknown loss {self.loss!r}: choose one of {', '.join(LOSSES)}.")
+        if self.teacher not in TEACHERS:
+            raise LrqatError(f"unknown teacher {self.teacher!r}: choose one of {', '.join(TEACHERS)}.")
+        if not _finite(self.kd_temperature) or self.kd_temperature <= 0:
+            raise LrqatError(f"kd-temperature={self.kd_temperature!r} must be a positive number.")
+        if not isinstance(self.kd_top_k, int) or self.kd_top_k <= 0:
+            raise LrqatError(f"kd-top-k={self.kd_top_k!r} must be a positive integer (e.g. 64).")
+        if not _finite(self.kd_weight) or not 0 <= self.kd_weight <= 1:
+            raise LrqatError(f"kd-weight={self.kd_weight!r} is the share of KD in ce+kd: choose a value in [0, 1].")
         if self.eval_every < 0 or self.save_every < 0:
             raise LrqatError(f"eval-every={self.eval_every} and save-every={self.save_every} must be >= 0 (0 turns them off).")
 
@@ -185,6 +218,8 @@ class DataSpec:
     """Where the text comes from and how it becomes token blocks."""
 
     source: str = "brown"
+    # a second corpus, never trained on, evaluated beside the held-out split (e.g. "sotu")
+    eval_source: str | None = None
     # read, tokenise and pack the training text lazily (corpora larger than memory)
     streaming: bool = False
     eval_fraction: float = 0.1
@@ -192,6 +227,9 @@ class DataSpec:
     eval_tokens: int = 8192
 
     def validate(self) -> None:
+        if self.eval_source is not None and self.eval_source == self.source:
+            raise LrqatError(f"--eval-data {self.eval_source} is the training corpus: its held-out split is always "
+                             "evaluated; name another corpus (e.g. sotu) or leave --eval-data out.")
         if not 0 < self.eval_fraction < 1:
             raise LrqatError(f"eval fraction {self.eval_fraction!r} must lie strictly between 0 and 1.")
         if self.eval_context < 2:
@@ -255,12 +293,17 @@ class RunSpec:
             raise LrqatError(f"unknown rotation {self.rotate!r}: choose one of {', '.join(ROTATIONS)}.")
         if self.export:
             parse_choices(",".join(self.export), EXPORT_FORMATS, "export format")
+            if not METHODS[self.method].quantized:
+                raise LrqatError(f"--method {self.method} is a float reference and makes no integer model to export: "
+                                 "leave --export out.")
         try:
             re.compile(self.targets)
         except re.error as err:
             raise LrqatError(f"targets {self.targets!r} is not a valid regular expression ({err}).") from None
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.train.loss != "ce" and self.train.teacher == "phi0":
+            check_phi0_teacher(self.method, self.lrqat.phi)
 
     def resolve(self, processes: int = 1) -> ResolvedRun:
         """Validate, then fill the defaults once: the method's learning rates where none

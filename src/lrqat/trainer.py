@@ -41,6 +41,7 @@ from lrqat.checkpoint import (
     roll_back,
     trainable_state,
 )
+from lrqat.distill import Objective
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.memory import memory_bill, peak_memory_mb, reset_peak_memory
@@ -133,8 +134,10 @@ class Trainer:
         spec: TrainSpec,
         out_dir: Path,
         fingerprint: dict[str, Any],
+        objective: Objective | None = None,
     ) -> None:
         self.spec = spec
+        self.objective = objective or Objective()
         self.out_dir = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         self.fingerprint = json.dumps(fingerprint, sort_keys=True)
@@ -257,7 +260,7 @@ class Trainer:
             last = i == len(micro) - 1
             # FSDP reduces each micro-batch's gradients (sharded, they cannot wait unreduced).
             with nullcontext() if last or self.sharded else self.accelerator.no_sync(self.model):
-                loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss / len(micro)
+                loss = self.objective(self.model, ids) / len(micro)
                 self.accelerator.backward(loss)
             total += loss.detach().float()  # summed on the device: one host sync per step, not per micro-batch
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -333,7 +336,7 @@ class Trainer:
             seconds=round(self.elapsed, 2),
             peak_rss_mb=round(peak_memory_mb(), 1),
             losses=self.losses,
-            bill_bytes=memory_bill(self.model).as_bytes(),
+            bill_bytes=memory_bill(self.model, teacher=self.objective.teacher_bytes()).as_bytes(),
             model=self.trained_model(),
         )
 
@@ -347,6 +350,7 @@ def train(
     fingerprint: dict[str, Any] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` on `train_blocks` (a `BlockSource`: `PackedBlocks`, `TokenStream`);
     with `resume`, continue from the checkpoint in `out_dir`. The trained model is
@@ -356,7 +360,7 @@ def train(
     `fingerprint` is any JSON-able description of the settings; a checkpoint written
     under another fingerprint is refused on resume.
     """
-    trainer = Trainer(model, train_blocks, eval_blocks, spec, Path(out_dir), fingerprint or {})
+    trainer = Trainer(model, train_blocks, eval_blocks, spec, Path(out_dir), fingerprint or {}, objective)
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
     else:

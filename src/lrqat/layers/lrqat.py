@@ -184,6 +184,15 @@ class LRQATLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
         self.A, self.B = lowrank_factors(self.out_features, self.in_features, self.rank, generator)
         self.s = nn.Parameter(scales.float().clone())
+        # the initial scales: with Φ0 unrounded they give the near-float weight the `phi0`
+        # distillation teacher computes with (`teacher`: set by `distill.phi0_teacher_mode`)
+        self.register_buffer("s0", scales.float().clone())
+        self.teacher = False
+
+    def teacher_weight(self) -> torch.Tensor:
+        """s₀·(Φ0 − z) without rounding: W0 to within Φ0's storage precision, except
+        where the range init clipped it."""
+        return dequantize(self.base(), self.s0, self.zeros)
 
     def base(self) -> torch.Tensor:
         """Φ0 read back from storage as float32 grid values."""
@@ -217,6 +226,8 @@ class LRQATLinear(nn.Module):
         return self.grid_integers(self.A, self.B)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.teacher:
+            return F.linear(x, self.teacher_weight().to(x.dtype), self.bias)
         if torch.is_grad_enabled() and any(p.requires_grad for p in (self.A, self.B, self.s)):
             return _LRQATLinearFunction.apply(x, self, self.A, self.B, self.s)
         return F.linear(x, dequantize(self.int_weight(), self.s, self.zeros).to(x.dtype), self.bias)

