@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--rotations", default="none,hadamard")
     parser.add_argument("--methods", default=",".join(METHOD_ORDER))
-    parser.add_argument("--overhead-reps", type=int, default=5, help="0 skips the overhead timing")
+    parser.add_argument("--overhead-reps", type=int, default=5, help="0 skips (keeps the recorded) overhead timing")
     parser.add_argument("--output", default="runs/weight_activation")
     parser.add_argument("--llama-cpp-kv", action="store_true",
                         help="only add llama.cpp's KV-cache types on the finished 4-16-16 LR-QAT model to the results")
@@ -124,9 +124,18 @@ def main() -> None:
         return
 
     started = time.time()
-    overhead = quantizer_overhead(args.overhead_reps, args.seq_len) if args.overhead_reps else {}
-    rows = {}
-    for setting in args.settings.split(","):
+    # Each invocation adds its rows (and overhead timing) to the recorded results, so the
+    # table can be built over several sessions; a row is replaced when it is run again.
+    import json
+
+    from _results import RESULTS
+
+    previous = RESULTS / "weight_activation.json"
+    record = json.loads(previous.read_text()) if previous.exists() else {"rows": {}, "overhead": {}, "commands": []}
+    if args.overhead_reps:
+        record["overhead"] = quantizer_overhead(args.overhead_reps, args.seq_len)
+    rows = record["rows"]
+    for setting in [s for s in args.settings.split(",") if s]:
         for rotate in args.rotations.split(","):
             spec = RunSpec(
                 output=f"{args.output}/{setting}-{rotate}", rotate=rotate, act=SETTINGS[setting], quant=WEIGHTS,
@@ -146,8 +155,8 @@ def main() -> None:
             m["G"] = gap_recovered(reference["ppl_float"], reference["ppl_rtn"], m["ppl"])
     command = " ".join(["python benchmarks/weight_activation.py", *[
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output", "llama_cpp_kv")]])
-    record = {"command": command, "machine": machine(), "minutes": round((time.time() - started) / 60, 1),
-              "tokens_per_method": args.steps * args.batch_size * args.seq_len, "overhead": overhead, "rows": rows}
+    record["commands"] = [*record.get("commands", []), f"{command}  ({round((time.time() - started) / 60, 1)} min)"]
+    record.update(machine=machine(), tokens_per_method=args.steps * args.batch_size * args.seq_len)
     write_results("weight_activation", record, render(record))
 
 
@@ -155,12 +164,14 @@ def render(record: dict) -> str:
     rows = record["rows"]
     methods = [m for m in METHOD_ORDER if any(m in r["methods"] for r in rows.values())]
     rotations = sorted({k.split("/")[1] for k in rows}, key=["none", "hadamard"].index)
-    settings = list(dict.fromkeys(k.split("/")[0] for k in rows))
+    settings = [s for s in SETTINGS if any(k.split("/")[0] == s for k in rows)]
     first = next(iter(rows.values()))
     lines = [
         "# Weights, activations and KV cache",
         "",
-        f"Command: `{record['command']}` ({record['minutes']} min, {record['machine']}).",
+        f"Machine: {record['machine']}. Commands, in the order they ran (each adds its rows; times in brackets):",
+        "",
+        *[f"- `{c}`" for c in record["commands"]],
         "",
         (f"Model {first['model']}, data {first['data']}; merged-model perplexity on {first['eval_tokens']} held-out "
          f"tokens (windows of {first['context']}); weights W4 per-channel symmetric; every trained method gets "
@@ -185,7 +196,8 @@ def render(record: dict) -> str:
     lines += ["", "Per-method training time (s) and peak memory (MB) of each run:", "",
               "| W-A-KV | rotation | " + " | ".join(f"{METHODS[m].label} s / MB" for m in methods) + " |",
               "|---|---|" + "---|" * len(methods)]
-    for key, r in rows.items():
+    for key in sorted(rows, key=lambda k: (list(SETTINGS).index(k.split("/")[0]), k.split("/")[1] != "none")):
+        r = rows[key]
         setting, rotate = key.split("/")
         cells = [f"{v['train_seconds']:.0f} / {v['peak_memory_mb']:.0f}" if (v := r["methods"].get(m)) else "–"
                  for m in methods]
