@@ -203,3 +203,35 @@ def test_gguf_of_a_kv_quantized_model_names_llama_cpp_cache_types(tmp_path, tiny
 def test_bad_settings_are_refused_early(raw, message):
     with pytest.raises(LrqatError, match=message):
         RunSpec.from_dict(raw).validate()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "qwen3", "mistral"])
+def test_activation_and_kv_quantizers_hook_into_other_families(family):
+    """No block is re-implemented: the same hooks and attention wrapper serve every family
+    (Gemma 2 through its eager soft-capping attention, Phi-3 through its fused qkv_proj)."""
+    from transformers import Gemma2Config, MistralConfig, Phi3Config, Qwen3Config
+
+    common = {"vocab_size": 96, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = {"gemma2": lambda: Gemma2Config(**common, head_dim=12),
+              "phi3": lambda: Phi3Config(**common, pad_token_id=0),
+              "qwen3": lambda: Qwen3Config(**common, head_dim=16),
+              "mistral": lambda: MistralConfig(**common)}[family]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 96, (2, 10))
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    with torch.no_grad():
+        reference = model(ids).logits
+        install(model, ActSpec(8, 4), linears)
+        quantized = model(ids).logits
+    per_block = len(placements(model)) // config.num_hidden_layers
+    assert per_block == len(linears) // config.num_hidden_layers + 3  # every linear input, Q, K, V
+    assert not torch.equal(quantized, reference) and relative_error(quantized, reference) < 0.5
+    remove(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference)
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
