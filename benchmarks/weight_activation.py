@@ -22,7 +22,7 @@ from pathlib import Path
 from _results import machine, write_results
 
 from lrqat.activations import ActSpec
-from lrqat.compare import run_compare
+from lrqat.compare import run_compare, summarize
 from lrqat.methods import METHODS
 from lrqat.rundir import RunDir, gap_recovered
 from lrqat.spec import DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHOD_ORDER))
     parser.add_argument("--overhead-reps", type=int, default=5, help="0 skips (keeps the recorded) overhead timing")
     parser.add_argument("--output", default="runs/weight_activation")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: build the rows from the finished runs under --output (an interrupted run)")
     parser.add_argument("--llama-cpp-kv", action="store_true",
                         help="only add llama.cpp's KV-cache types on the finished 4-16-16 LR-QAT model to the results")
     args = parser.parse_args()
@@ -144,7 +146,15 @@ def main() -> None:
                 data=DataSpec(eval_tokens=args.eval_tokens),
             )
             methods = args.methods.split(",")
-            summary = run_compare(spec, methods)
+            if args.collect:  # the methods whose run finished, as compare would have summarised them
+                done = {m: RunDir(spec.output).method_run(m) for m in methods}
+                done = {m: d.read_result() for m, d in done.items() if d.results.exists()}
+                if not done:
+                    continue
+                methods = list(done)
+                summary = summarize(done)
+            else:
+                summary = run_compare(spec, methods)
             first = RunDir(spec.output).method_run(methods[0]).read_result()
             summary["ppl_float_act"] = first.ppl.get("float_act", first.ppl["float"])
             rows[f"{setting}/{rotate}"] = summary
@@ -153,9 +163,11 @@ def main() -> None:
         reference = rows.get(f"{setting}/none", summary)
         for m in summary["methods"].values():
             m["G"] = gap_recovered(reference["ppl_float"], reference["ppl_rtn"], m["ppl"])
-    command = " ".join(["python benchmarks/weight_activation.py", *[
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("output", "llama_cpp_kv")]])
-    record["commands"] = [*record.get("commands", []), f"{command}  ({round((time.time() - started) / 60, 1)} min)"]
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+             if k not in ("output", "llama_cpp_kv") and v is not False]
+    command = " ".join(["python benchmarks/weight_activation.py", *flags])
+    took = "collected from finished runs" if args.collect else f"{round((time.time() - started) / 60, 1)} min"
+    record["commands"] = [*record.get("commands", []), f"{command}  ({took})"]
     record.update(machine=machine(), tokens_per_method=args.steps * args.batch_size * args.seq_len)
     write_results("weight_activation", record, render(record))
 
