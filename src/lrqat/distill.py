@@ -188,6 +188,18 @@ class CacheTeacher(Teacher):
         return values, indices
 
 
+def make_teacher(kind: str, float_model: nn.Module, sequences: Callable[[], list[torch.Tensor]], top_k: int,
+                 cache_folder: Path, log: Callable[[str], None] = print) -> Teacher:
+    """The teacher `kind` names, made from the float model before any change to it: a
+    bf16 copy (`float`), the student's own Φ0 (`phi0`), or the top-k cache of the
+    `sequences` the run trains on (`cache`, built once into `cache_folder`)."""
+    if kind == "float":
+        return FloatTeacher.of(float_model)
+    if kind == "phi0":
+        return Phi0Teacher()
+    return CacheTeacher.build(float_model, sequences(), top_k, cache_folder, log)
+
+
 def check_phi0_teacher(method: str, phi: str) -> None:
     if method != "lrqat":
         raise LrqatError(f"--teacher phi0 reads LR-QAT's stored Φ0: use it with --method lrqat, not {method} "

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 from lrqat.blocks import load_token_data
 from lrqat.checkpoint import atomic_write_text
 from lrqat.data import check_source, held_out_blocks
-from lrqat.distill import CacheTeacher, FloatTeacher, Objective, Phi0Teacher, Teacher, phi0_teacher_mode
+from lrqat.distill import CacheTeacher, Objective, Phi0Teacher, Teacher, make_teacher, phi0_teacher_mode
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.formats import check_exportable, export_many
@@ -171,17 +171,14 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
 
     ppl_float = measure("float", "float", model)
     teacher: Teacher | None = None
-    cache_bytes = 0
     if method.trained and spec.train.loss != "ce":
-        if spec.train.teacher == "float":
-            teacher = FloatTeacher.of(model)
-        elif spec.train.teacher == "phi0":
-            teacher = Phi0Teacher()
-        else:  # every sequence the run trains on, before any change to the float model
-            sequences = [row for step in range(spec.train.steps) for row in data.train.batch(step, run.global_batch)]
-            with procs.main_process_first():
-                teacher = CacheTeacher.build(model, sequences, spec.train.kd_top_k, out.root / "teacher_cache", log)
-            cache_bytes = CacheTeacher.size(teacher.folder)
+        def sequences() -> list[torch.Tensor]:  # every sequence the run trains on (for the cache teacher)
+            return [row for step in range(spec.train.steps) for row in data.train.batch(step, run.global_batch)]
+
+        with procs.main_process_first():  # the main process builds a cache, the others read it
+            teacher = make_teacher(spec.train.teacher, model, sequences, spec.train.kd_top_k,
+                                   out.root / "teacher_cache", log)
+    cache_bytes = CacheTeacher.size(teacher.folder) if isinstance(teacher, CacheTeacher) else 0
     # Rotations and activation/KV quantizers come before the weights are quantized: range
     # init, GPTQ and Φ0 all see the rotated weights; every model below carries them.
     if spec.rotate != "none":
