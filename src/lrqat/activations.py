@@ -29,21 +29,10 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from lrqat.errors import LrqatError
+from lrqat.quantizer import round_ste
 
 ACT_BITS = (16, 8, 4)
 """Activation and KV bit widths offered; 16 means not quantized (float)."""
-
-
-class _RoundSTE(torch.autograd.Function):
-    """round() whose gradient is the identity (the straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return grad
 
 
 _BYPASSED = False
@@ -73,7 +62,7 @@ def fake_quantize_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     hi = x.detach().amax(dim=-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / levels).clamp(min=torch.finfo(x.dtype).tiny * levels)
     zero = torch.round(-lo / scale)
-    q = torch.clamp(_RoundSTE.apply(x / scale) + zero, 0, levels)
+    q = torch.clamp(round_ste(x / scale) + zero, 0, levels)
     return (q - zero) * scale
 
 
