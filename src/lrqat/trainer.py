@@ -162,6 +162,9 @@ class Trainer:
         self.model, self.optimizer, self.skeleton = distribute(model, lambda m: build_optimizer(m, spec), self.accelerator)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, spec))
         self.step = 0
+        # taken before any resume: a rebuilt model starts where the original did
+        self.scale_floors = [self.SCALE_FLOOR * p.detach().abs().clone() for g in self.optimizer.param_groups
+                             if g.get("name") == "scales" for p in g["params"]]
         self.saved_step: int | None = None
         self.losses: list[float] = []
         self.elapsed = 0.0
@@ -274,9 +277,22 @@ class Trainer:
                 f"{self._keep_good_checkpoint()}: lower --lr / --lr-scales and rerun with --resume."
             )
         self.optimizer.step()
+        self._keep_scales_positive()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    SCALE_FLOOR = 1e-3
+    """A scale never falls below this fraction of its value at the start: an AdamW step
+    moves a scale by about the learning rate whatever its size, which can push the small
+    scales of a rotated model (per-channel 3e-4 here) through zero; the merge would then
+    refuse the layer. Runs whose scales stay positive are unchanged."""
+
+    @torch.no_grad()
+    def _keep_scales_positive(self) -> None:
+        scales = [p for g in self.optimizer.param_groups if g.get("name") == "scales" for p in g["params"]]
+        for param, floor in zip(scales, self.scale_floors, strict=True):
+            torch.maximum(param, floor, out=param)
 
     def _keep_good_checkpoint(self) -> str:
         """After a divergence at step k+1: the checkpoint of step k holds the very state
