@@ -112,7 +112,8 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true",
                         help="run nothing: build the rows from the finished runs under --output (an interrupted run)")
     parser.add_argument("--llama-cpp-kv", action="store_true",
-                        help="only add llama.cpp's KV-cache types on the finished 4-16-16 LR-QAT model to the results")
+                        help="only add llama.cpp's KV-cache types on a finished W4 LR-QAT model to the results")
+    parser.add_argument("--kv-run", help="that model's run folder (default: the 4-16-16 LR-QAT run under --output)")
     args = parser.parse_args()
     if args.llama_cpp_kv:
         import json
@@ -120,8 +121,10 @@ def main() -> None:
         from _results import RESULTS
 
         record = json.loads((RESULTS / "weight_activation.json").read_text())
-        record["llama_cpp_kv"] = llama_cpp_kv(Path(args.output) / "4-16-16-none" / "lrqat", args.eval_tokens)
-        record["llama_cpp_kv"]["command"] = "python benchmarks/weight_activation.py --llama-cpp-kv"
+        run = Path(args.kv_run or Path(args.output) / "4-16-16-none" / "lrqat")
+        record["llama_cpp_kv"] = llama_cpp_kv(run, args.eval_tokens)
+        record["llama_cpp_kv"]["command"] = ("python benchmarks/weight_activation.py --llama-cpp-kv"
+                                             + (f" --kv-run {args.kv_run}" if args.kv_run else ""))
         write_results("weight_activation", record, render(record))
         return
 
@@ -164,7 +167,7 @@ def main() -> None:
         for m in summary["methods"].values():
             m["G"] = gap_recovered(reference["ppl_float"], reference["ppl_rtn"], m["ppl"])
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-             if k not in ("output", "llama_cpp_kv") and v is not False]
+             if k not in ("output", "llama_cpp_kv", "kv_run") and v is not False]
     command = " ".join(["python benchmarks/weight_activation.py", *flags])
     took = "collected from finished runs" if args.collect else f"{round((time.time() - started) / 60, 1)} min"
     record["commands"] = [*record.get("commands", []), f"{command}  ({took})"]
@@ -221,7 +224,7 @@ def render(record: dict) -> str:
         lines += [f"| {n} | {v['seconds']:.3f} | {v['ratio']:.2f} |" for n, v in record["overhead"].items()]
     kv = record.get("llama_cpp_kv")
     if kv:
-        lines += ["", (f"KV cache in llama.cpp (`{kv['command']}`): the W4 LR-QAT model of the 4-16-16 row exported to "
+        lines += ["", (f"KV cache in llama.cpp (`{kv['command']}`): the W4 LR-QAT model {kv['model']} exported to "
                        f"GGUF and scored by llama.cpp on the same {kv['tokens']} tokens (windows of 1,024) with its own "
                        "cache types (blocks of 32 values, one fp16 scale each; flash attention on for quantized "
                        "caches), beside lrqat's per-token, per-head KV quantizer on the same merged model:"), "",
