@@ -107,3 +107,23 @@ def test_a_merged_model_of_the_older_layout_still_reads_its_grid(tmp_path):
     (tmp_path / "quantization.json").write_text(json.dumps({"format": "lrqat-int", "version": 1, "layers": [], "quant": {
         "bits": 3, "symmetric": False, "group_size": 32, "init": "lp", "act_order": True, "damp": 0.01}}))
     assert read_grid(tmp_path) == QuantSpec(bits=3, symmetric=False, group_size=32)
+
+
+def test_a_run_of_an_older_version_resumes_unless_a_new_setting_is_in_use(tmp_path):
+    """A fingerprint saved before a setting existed matches while that setting is at its default."""
+    import json
+
+    from lrqat.pipeline import check_output
+
+    spec = RunSpec(output=str(tmp_path / "run"))
+    fingerprint = json.loads(json.dumps(spec.resolve().fingerprint))
+    del fingerprint["act"], fingerprint["rotate"], fingerprint["train"]["loss"]  # what an older lrqat saved
+    fingerprint["train"]["lr"] = 0.003  # a setting fingerprints no longer hold
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    (tmp_path / "run" / "stages.json").write_text("{}")
+    check_output(spec.resolve(), resume=True)
+    with pytest.raises(LrqatError, match="other settings"):
+        check_output(RunSpec.from_dict({"output": str(tmp_path / "run"), "act": {"kv_bits": 8}}).resolve(), resume=True)
+    with pytest.raises(LrqatError, match="other settings"):
+        check_output(RunSpec.from_dict({"output": str(tmp_path / "run"), "quant": {"bits": 3}}).resolve(), resume=True)

@@ -61,6 +61,23 @@ def check_adapter_fits(targets: list[tuple[str, torch.nn.Linear]], method: Metho
             raise LrqatError(f"--rank {rank} exceeds the smaller dimension {width} of layer {name}: use a rank ≤ {width}.")
 
 
+def same_settings(saved: Any, current: Any, defaults: Any) -> bool:
+    """Whether a saved fingerprint describes the current settings. A setting the saved one
+    lacks (added to lrqat after that run started) matches when it is at its default, and
+    one only the saved one holds (no longer part of a fingerprint, like the learning
+    rates) is ignored, so a run of an older version resumes unless a new setting is in use."""
+    if not isinstance(current, dict) or not isinstance(saved, dict):
+        return saved == current
+    for key, value in current.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if key not in saved:
+            if value != default:
+                return False
+        elif not same_settings(saved[key], value, default):
+            return False
+    return True
+
+
 def check_output(run: ResolvedRun, resume: bool) -> RunDir:
     """Refuse to overwrite another run, or to resume one with other settings (read-only,
     so every process of a distributed run can check before any of them writes)."""
@@ -71,7 +88,9 @@ def check_output(run: ResolvedRun, resume: bool) -> RunDir:
         raise LrqatError(f"output folder {out.root} already holds a run: pass --resume to continue it, or choose another --output.")
     if resume and out.settings.exists():
         saved = json.loads(out.settings.read_text())
-        if saved.get("fingerprint") != json.loads(json.dumps(run.fingerprint)):
+        current = json.loads(json.dumps(run.fingerprint))
+        defaults = json.loads(json.dumps(RunSpec().resolve().fingerprint))
+        if not same_settings(saved.get("fingerprint"), current, defaults):
             raise LrqatError(f"{out.root} holds a run with other settings ({out.settings}): resume with the same settings.")
     return out
 
