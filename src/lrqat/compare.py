@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
 from lrqat.methods import METHODS
@@ -100,9 +101,10 @@ def _num(value: float | None, digits: int = 3) -> str:
 def render_compare(s: dict[str, Any]) -> str:
     q = s["spec"]["quant"]
     gran = "per-channel" if q["group_size"] is None else f"g{q['group_size']}"
-    act = s["spec"].get("act") or {"bits": 16, "kv_bits": 16}
-    online = "" if act["bits"] == act["kv_bits"] == 16 else f" A{act['bits']} KV{act['kv_bits']}"
-    rotation = "" if s["spec"].get("rotate", "none") == "none" else f", {s['spec']['rotate']} rotation"
+    act = ActSpec(**(s["spec"].get("act") or {}))
+    online = f" {act.describe()}" if act.active else ""
+    rotate = s["spec"].get("rotate") or "none"  # (results written before rotations have none)
+    rotation = "" if rotate == "none" else f", {rotate} rotation"
     ood = s.get("eval_data")
     lines = [
         f"# Method comparison: {s['model']}, W{q['bits']} {gran} {'sym' if q['symmetric'] else 'asym'}{online}{rotation}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.methods import METHODS
 from lrqat.rundir import RunDir, RunResult
@@ -17,8 +18,7 @@ def render_report(r: RunResult) -> str:
     q, ptq, lr, t = r.spec["quant"], r.spec["ptq"], r.spec["lrqat"], r.train
     gran = "per-channel" if q["group_size"] is None else f"group {q['group_size']}"
     name = method.label
-    act = r.spec.get("act") or {"bits": 16, "kv_bits": 16}
-    online = f"A{act['bits']} KV{act['kv_bits']}"
+    online = ActSpec(**(r.spec.get("act") or {})).describe()
     rows = [("float (unquantized)", ppl["float"])]
     if "float_act" in ppl:
         rows.append((f"float weights, {online}", ppl["float_act"]))
