@@ -15,6 +15,7 @@ rotations) on and off, interleaved in one process. Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +29,18 @@ from lrqat.rundir import RunDir, gap_recovered
 from lrqat.spec import DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
 
 SETTINGS = {"4-16-16": ActSpec(16, 16), "4-8-8": ActSpec(8, 8), "4-8-4": ActSpec(8, 4), "4-4-4": ActSpec(4, 4)}
-METHOD_ORDER = ("rtn", "gptq", "peqa", "qat", "lrqat")
+METHOD_ORDER = ("rtn", "gptq", "peqa", "qat", "lrqat", "lrqat-gptq")
+# LR-QAT started from other post-training solutions: name → (column label, PTQSpec changes).
+# Each runs as its own one-method comparison beside the row's folder.
+VARIANTS = {"lrqat-gptq": ("LR-QAT from GPTQ", {"init": "gptq"})}
+
+
+def label(method: str) -> str:
+    return VARIANTS[method][0] if method in VARIANTS else METHODS[method].label
+
+
+def variant_folder(row_folder: str, variant: str) -> str:
+    return f"{row_folder}-{variant}"
 WEIGHTS = QuantSpec(bits=4, symmetric=True, group_size=None)
 
 
@@ -148,9 +160,11 @@ def main() -> None:
                 train=TrainSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, save_every=4),
                 data=DataSpec(eval_tokens=args.eval_tokens),
             )
-            methods = args.methods.split(",")
-            if args.collect:  # the methods whose run finished, as compare would have summarised them
-                done = {m: RunDir(spec.output).method_run(m) for m in methods}
+            requested = args.methods.split(",")
+            methods = [m for m in requested if m not in VARIANTS]
+            variants = [m for m in requested if m in VARIANTS]
+            if args.collect or not methods:  # the methods whose run finished, as compare would have summarised them
+                done = {m: RunDir(spec.output).method_run(m) for m in methods or METHOD_ORDER if m not in VARIANTS}
                 done = {m: d.read_result() for m, d in done.items() if d.results.exists()}
                 if not done:
                     continue
@@ -158,6 +172,15 @@ def main() -> None:
                 summary = summarize(done)
             else:
                 summary = run_compare(spec, methods)
+            for variant in variants:
+                changes = VARIANTS[variant][1]
+                variant_spec = dataclasses.replace(spec, output=variant_folder(spec.output, variant),
+                                                   ptq=dataclasses.replace(spec.ptq, **changes))
+                run = RunDir(variant_spec.output).method_run("lrqat")
+                if args.collect and not run.results.exists():
+                    continue
+                result = summarize({"lrqat": run.read_result()}) if args.collect else run_compare(variant_spec, ["lrqat"])
+                summary["methods"][variant] = result["methods"]["lrqat"]
             first = RunDir(spec.output).method_run(methods[0]).read_result()
             summary["ppl_float_act"] = first.ppl.get("float_act", first.ppl["float"])
             rows[f"{setting}/{rotate}"] = summary
@@ -194,7 +217,7 @@ def render(record: dict) -> str:
          f"{first['ppl_float']:.3f}. G = (ppl_RTN − ppl)/(ppl_RTN − ppl_float) with RTN at the same W-A-KV setting "
          "without rotation. Activations: dynamic per-token asymmetric (Q too); KV: per token and head, K after RoPE."),
         "",
-        "| W-A-KV | rotation | float weights, quantized A/KV | " + " | ".join(METHODS[m].label for m in methods) + " |",
+        "| W-A-KV | rotation | float weights, quantized A/KV | " + " | ".join(label(m) for m in methods) + " |",
         "|---|---|---|" + "---|" * len(methods),
     ]
     for setting in settings:
@@ -209,7 +232,7 @@ def render(record: dict) -> str:
                              else f"{v['ppl']:.2f}")
             lines.append(f"| {setting} | {rotate} | {r['ppl_float_act']:.2f} | " + " | ".join(cells) + " |")
     lines += ["", "Per-method training time (s) and peak memory (MB) of each run:", "",
-              "| W-A-KV | rotation | " + " | ".join(f"{METHODS[m].label} s / MB" for m in methods) + " |",
+              "| W-A-KV | rotation | " + " | ".join(f"{label(m)} s / MB" for m in methods) + " |",
               "|---|---|" + "---|" * len(methods)]
     for key in sorted(rows, key=lambda k: (list(SETTINGS).index(k.split("/")[0]), k.split("/")[1] != "none")):
         r = rows[key]

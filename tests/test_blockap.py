@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lrqat.blockap import block_ap, capture_block_calls
+from lrqat.blockap import block_ap
+from lrqat.blockwise import capture_block_calls
 from lrqat.methods import DEFAULT_TARGETS, apply_method
 from lrqat.pipeline import run_quantize
 from lrqat.spec import LRQATSpec, QuantSpec, RunSpec

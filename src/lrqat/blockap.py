@@ -19,56 +19,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrqat.errors import LrqatError
+from lrqat.blockwise import call_block, capture_block_calls, decoder_layers
 from lrqat.layers import QATLinear
 from lrqat.surgery import RangeParams, replace_module
-
-
-def decoder_layers(model: nn.Module, target_names: list[str]) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder blocks that holds the targets (its qualified name)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and any(t.startswith(f"{name}.") for t in target_names):
-            return name, module
-    raise LrqatError("Block-AP needs the decoder blocks as a module list holding the target linears: this model has "
-                     "none; use --init lp or gptq.")
-
-
-@torch.no_grad()
-def capture_block_calls(model: nn.Module, layers: nn.ModuleList, calib: torch.Tensor
-                        ) -> tuple[list[torch.Tensor], list[list[dict[str, Any]]]]:
-    """The first block's input hidden states per calibration sequence, and the keyword
-    arguments every block is called with (`kwargs[block][sequence]`)."""
-    first_inputs: list[torch.Tensor] = []
-    kwargs: list[list[dict[str, Any]]] = [[] for _ in layers]
-
-    def recorder(index: int) -> Callable:
-        def record(_module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
-            hidden = args[0] if args else kw["hidden_states"]
-            if index == 0:
-                first_inputs.append(hidden.detach().clone())
-            kwargs[index].append({k: v for k, v in kw.items() if k != "hidden_states"})
-        return record
-
-    handles = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        device = next(model.parameters()).device
-        for row in calib:
-            model(input_ids=row[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return first_inputs, kwargs
-
-
-def _call(block: nn.Module, hidden: torch.Tensor, kw: dict[str, Any]) -> torch.Tensor:
-    out = block(hidden, **kw)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def block_ap(model: nn.Module, quant, targets: list[tuple[str, nn.Linear]], ranges: RangeParams,
@@ -88,7 +46,7 @@ def block_ap(model: nn.Module, quant, targets: list[tuple[str, nn.Linear]], rang
     for index, layer in enumerate(layers):
         local = [n for n in names if n.startswith(f"{prefix}.{index}.")]
         with torch.no_grad():
-            fp_outputs = [_call(layer, x, kw) for x, kw in zip(fp_inputs, calls[index], strict=True)]
+            fp_outputs = [call_block(layer, x, kw) for x, kw in zip(fp_inputs, calls[index], strict=True)]
         if not local:
             q_inputs, fp_inputs = fp_outputs, fp_outputs
             continue
@@ -112,7 +70,7 @@ def block_ap(model: nn.Module, quant, targets: list[tuple[str, nn.Linear]], rang
         first = last = None
         for _ in range(epochs):
             for j in torch.randperm(len(q_inputs), generator=generator).tolist():
-                loss = F.mse_loss(_call(block, q_inputs[j], calls[index][j]), fp_outputs[j])
+                loss = F.mse_loss(call_block(block, q_inputs[j], calls[index][j]), fp_outputs[j])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -126,7 +84,7 @@ def block_ap(model: nn.Module, quant, targets: list[tuple[str, nn.Linear]], rang
             for name, module in qat.items():
                 new_ranges[name] = (module.s.detach().clone(), None if module.zeros is None else module.zeros.clone())
                 integers[name] = module.int_weight().float()
-            q_inputs = [_call(block, x, kw) for x, kw in zip(q_inputs, calls[index], strict=True)]
+            q_inputs = [call_block(block, x, kw) for x, kw in zip(q_inputs, calls[index], strict=True)]
         fp_inputs = fp_outputs
         log(f"block-ap block {index}: reconstruction MSE {first:.3g} -> {last:.3g}")
         del block, optimizer

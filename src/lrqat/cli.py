@@ -16,6 +16,7 @@ from lrqat.methods import METHODS
 from lrqat.phi import PHI_FORMATS
 from lrqat.rotation import ROTATIONS
 from lrqat.spec import DTYPES, EXPORT_FORMATS, PTQ_INITS, SCHEDULES, RunSpec, parse_choices
+from lrqat.streaming import LOADS
 
 # flag name → (section, field) of RunSpec
 _FLAG_FIELDS = {
@@ -25,6 +26,7 @@ _FLAG_FIELDS = {
     "dtype": (None, "dtype"),
     "targets": (None, "targets"),
     "rotate": (None, "rotate"),
+    "load": (None, "load"),
     "act_bits": ("act", "bits"),
     "kv_bits": ("act", "kv_bits"),
     "calib_tokens": ("ptq", "calib_tokens"),
@@ -108,6 +110,9 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     """The settings shared by `quantize` and `compare`."""
     q.add_argument("--recipe", type=Path, help="YAML file with any of the settings below (flags override it)")
     q.add_argument("--model", help="built-in name (smollm2-135m), HF model folder, or hub id")
+    q.add_argument("--load", choices=LOADS, help="memory (default): the whole float model; stream: one tensor at a "
+                   "time from its safetensors checkpoint, float/RTN evaluated block by block (models that do not fit "
+                   "in memory as float; same results)")
     q.add_argument("--dtype", choices=DTYPES, help="compute dtype: fp32 (default) or bf16 (frozen tensors and activations in bfloat16, trainable tensors fp32)")
     q.add_argument("--data", help="'brown' or 'sotu' (built in), a .txt/.jsonl file, a folder of them, or hf:NAME[:CONFIG]")
     q.add_argument("--eval-data", help="a second corpus never trained on, evaluated beside the held-out split "

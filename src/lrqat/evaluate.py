@@ -23,22 +23,36 @@ class Perplexity:
     context: int
 
 
+@dataclass
+class NLL:
+    """Summed next-token negative log-likelihood over scored windows: every evaluation
+    path (in memory, block by block) scores logits the same way."""
+
+    total: float = 0.0
+    tokens: int = 0
+
+    def add(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        logits = logits.float()
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        self.total += nll.item()
+        self.tokens += ids[:, 1:].numel()
+
+    def perplexity(self, context: int) -> Perplexity:
+        mean = self.total / self.tokens
+        return Perplexity(ppl=math.exp(mean), nll=mean, tokens=self.tokens, context=context)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> Perplexity:
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
+    total = NLL()
     device = next(model.parameters()).device
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += ids[:, 1:].numel()
+        total.add(model(input_ids=ids, use_cache=False).logits, ids)
     model.train(was_training)
-    mean = total_nll / total_tokens
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens, context=int(blocks.shape[1]))
+    return total.perplexity(int(blocks.shape[1]))
 
 
 def llama_cpp_perplexity(gguf_path: str, blocks: torch.Tensor, threads: int = 2, cache_type: str = "f16") -> Perplexity:
@@ -52,12 +66,9 @@ def llama_cpp_perplexity(gguf_path: str, blocks: torch.Tensor, threads: int = 2,
     kind = getattr(llama_cpp, f"GGML_TYPE_{cache_type.upper()}")
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=blocks.shape[1], logits_all=True, verbose=False,
                           n_threads=threads, type_k=kind, type_v=kind, flash_attn=cache_type != "f16")
-    total_nll, total_tokens = 0.0, 0
+    total = NLL()
     for block in blocks.tolist():
         llm.reset()
         llm.eval(block)
-        logits = torch.tensor(np.array(llm.scores[: len(block)]))
-        total_nll += F.cross_entropy(logits[:-1], torch.tensor(block[1:]), reduction="sum").item()
-        total_tokens += len(block) - 1
-    mean = total_nll / total_tokens
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens, context=int(blocks.shape[1]))
+        total.add(torch.tensor(np.array(llm.scores[: len(block)]))[None], torch.tensor(block)[None])
+    return total.perplexity(int(blocks.shape[1]))

@@ -28,13 +28,22 @@ from lrqat.export.formats import check_exportable, export_many
 from lrqat.export.native import save_quantized
 from lrqat.memory import peak_memory_mb
 from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
-from lrqat.models import load_config, load_model
+from lrqat.models import load_config, load_model, load_tokenizer, resolve_model
 from lrqat.online import check_model, planned_rotation, prepare
 from lrqat.report import write_results
 from lrqat.rundir import RunDir, RunResult
 from lrqat.runtime import process_state
 from lrqat.shard import fsdp_requested
 from lrqat.spec import ResolvedRun, RunSpec
+from lrqat.streaming import (
+    Checkpoint,
+    LayerBuilder,
+    MethodBuilder,
+    rtn_builder,
+    skeleton,
+    stream_model,
+    streamed_perplexities,
+)
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
 from lrqat.trainer import TrainResult, train
 
@@ -117,6 +126,60 @@ class Stages:
         return self.values[name]
 
 
+def _memory_start(model: torch.nn.Module, spec: RunSpec, method: Method, measure: Callable[..., float],
+                  baselines: dict[str, float], stages: Stages, data: Any,
+                  log: Callable[[str], None]) -> tuple[torch.nn.Module, float, int]:
+    """From the float model in memory: range init, the RTN baseline, the calibrated starts
+    (measured into `baselines`), then the method's layers in place. Returns the
+    model, RTN's perplexity and the count of LR-QAT's step-0 integers that differ from RTN."""
+    quant, ptq, targets = spec.quant, spec.ptq, spec.targets
+    log(f"range init ({ptq.range_init}) for {quant.describe()}")
+    ranges = init_ranges(model, quant, targets, ptq.range_init)
+    rtn_model = apply_rtn(copy.deepcopy(model), quant, targets, ranges)
+    ppl_rtn = measure("rtn", "RTN", rtn_model)
+    # Calibrated starts (GPTQ, Block-AP): the method's own, the one --init asks for, and
+    # GPTQ as a baseline with --gptq-baseline; each is evaluated unless it is the method.
+    start = method.start or (ptq.init if ptq.init in STARTS else None)
+    starts: dict[str, Start] = {}
+    wanted = [name for name in (start, "gptq" if ptq.gptq_baseline else None) if name is not None]
+    if wanted:
+        calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
+    for name in dict.fromkeys(wanted):
+        log(f"{name} on {calib.numel()} calibration tokens")
+        starts[name] = STARTS[name](model, quant, targets, ranges, calib, ptq, log)
+        if name != method.name:
+            start_ranges, start_integers = starts[name]
+            baseline = apply_method(name, copy.deepcopy(model), quant, spec.lrqat, start_ranges,
+                                    integers=start_integers, targets=targets)
+            baselines[name] = measure(name, METHODS[name].label, baseline)
+            del baseline
+
+    start_ranges, start_integers = starts[start] if start is not None else (ranges, None)
+    apply_method(method.name, model, quant, spec.lrqat, start_ranges, seed=spec.train.seed, integers=start_integers,
+                 targets=targets, init=ptq.range_init)
+    ties = stages.get("rtn_tie_differences", partial(count_rtn_ties, model, rtn_model))
+    return model, ppl_rtn, ties
+
+
+def streamed_baselines(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
+                       windows: dict[str, torch.Tensor | None], rtn: LayerBuilder, stages: Stages,
+                       log: Callable[[str], None]) -> None:
+    """Float and RTN perplexities on every window set (`prefix → windows`; None: absent)
+    computed block by block in one pass, into the stages as `{prefix}ppl_float` and
+    `{prefix}ppl_rtn` (a resumed run skips the pass)."""
+    windows = {prefix: ids for prefix, ids in windows.items() if ids is not None}
+    keys = [f"{prefix}ppl_{variant}" for prefix in windows for variant in ("float", "rtn")]
+    if all(key in stages.values for key in keys):
+        return
+    log("float and RTN perplexities, one block at a time")
+    started = time.perf_counter()
+    found = streamed_perplexities(checkpoint, config, dtype, targets, windows, {"float": None, "rtn": rtn})
+    for prefix in windows:
+        for variant in ("float", "rtn"):
+            stages.get(f"{prefix}ppl_{variant}", lambda v=variant, p=prefix: found[v][p].ppl)
+    log(f"block-by-block evaluation took {time.perf_counter() - started:.0f} s")
+
+
 def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Run one method (LR-QAT by default) end to end, then its exports; return the
     results, also written to the output folder."""
@@ -135,11 +198,20 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     if not main:
         log = _quiet
     out = check_output(run, resume)
+    dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+    streaming = spec.load == "stream"
+    if streaming and procs.num_processes > 1:
+        raise LrqatError("--load stream runs in one process for now: use --load memory under accelerate launch.")
     with procs.main_process_first():
-        check_context(load_config(spec.model), spec)
-        log(f"loading model {spec.model}")
-        model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
-    model.to(procs.device)  # this process's GPU, or the CPU
+        config = load_config(spec.model)
+        check_context(config, spec)
+        log(f"loading model {spec.model}" + (" (streaming: one tensor at a time)" if streaming else ""))
+        if streaming:  # the skeleton, no float weights; they are read where they are used
+            resolved = resolve_model(spec.model)
+            checkpoint, tokenizer, model = Checkpoint(resolved), load_tokenizer(resolved), skeleton(config, dtype)
+        else:
+            model, tokenizer = load_model(spec.model, dtype=dtype)
+            model.to(procs.device)  # this process's GPU, or the CPU
     found = check_targets(model, spec.quant, spec.targets)
     check_adapter_fits(found, method, spec.lrqat.rank)
     check_model(model, spec.rotate)
@@ -188,6 +260,9 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
                             else evaluate(ood_name, m, held_out))
         return ppl
 
+    if streaming:  # the float and RTN baselines block by block, kept as the stages measure() reads
+        streamed_baselines(checkpoint, config, dtype, [name for name, _ in found],
+                           {"": data.eval, "ood_": held_out}, rtn_builder(spec.quant, spec.ptq.range_init), stages, log)
     ppl_float = measure("float", "float", model)
     teacher: Teacher | None = None
     if method.trained and spec.train.loss != "ce":
@@ -206,35 +281,17 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     ppl_online = {}
     if spec.act.active:
         ppl_online["float_act"] = measure("float_act", f"float {spec.act.describe()}", model)
-    quant, ptq, targets = spec.quant, spec.ptq, spec.targets
-    log(f"range init ({ptq.range_init}) for {quant.describe()}")
-    ranges = init_ranges(model, quant, targets, ptq.range_init)
-    rtn_model = apply_rtn(copy.deepcopy(model), quant, targets, ranges)
-    ppl_rtn = measure("rtn", "RTN", rtn_model)
-    # Calibrated starts (GPTQ, Block-AP): the method's own, the one --init asks for, and
-    # GPTQ as a baseline with --gptq-baseline; each is evaluated unless it is the method.
-    start = method.start or (ptq.init if ptq.init in STARTS else None)
-    wanted = [name for name in (start, "gptq" if ptq.gptq_baseline else None) if name is not None]
-    starts: dict[str, Start] = {}
+    quant, ptq = spec.quant, spec.ptq
     baselines: dict[str, float] = {}
-    if wanted:
-        calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
-    for name in dict.fromkeys(wanted):
-        log(f"{name} on {calib.numel()} calibration tokens")
-        starts[name] = STARTS[name](model, quant, targets, ranges, calib, ptq, log)
-        if name != method.name:
-            start_ranges, start_integers = starts[name]
-            baseline = apply_method(name, copy.deepcopy(model), quant, spec.lrqat, start_ranges,
-                                    integers=start_integers, targets=targets)
-            baselines[name] = measure(name, METHODS[name].label, baseline)
-            del baseline
-
-    start_ranges, start_integers = starts[start] if start is not None else (ranges, None)
-    apply_method(method.name, model, quant, spec.lrqat, start_ranges, seed=spec.train.seed, integers=start_integers,
-                 targets=targets, init=ptq.range_init)
+    if streaming:
+        ppl_rtn = measure("rtn", "RTN", model)  # measured block by block above
+        log(f"range init ({ptq.range_init}) for {quant.describe()} and {method.name} layers, layer by layer")
+        builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed)
+        model = stream_model(checkpoint, config, dtype, [name for name, _ in found], builder)
+        ties = stages.get("rtn_tie_differences", lambda: builder.ties)
+    else:
+        model, ppl_rtn, ties = _memory_start(model, spec, method, measure, baselines, stages, data, log)
     model.to(procs.device)  # adapters are created on the CPU (seeded CPU generator)
-    ties = stages.get("rtn_tie_differences", partial(count_rtn_ties, model, rtn_model))
-    del rtn_model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     teacher_ppl: dict[str, float] = {}

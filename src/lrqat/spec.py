@@ -24,10 +24,11 @@ from typing import Any
 from lrqat.activations import ActSpec
 from lrqat.distill import LOSSES, TEACHERS, check_phi0_teacher
 from lrqat.errors import LrqatError
-from lrqat.methods import DEFAULT_TARGETS, METHODS, Method
+from lrqat.methods import DEFAULT_TARGETS, METHODS, STARTS, Method
 from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
 from lrqat.rotation import ROTATIONS
+from lrqat.streaming import LOADS
 
 PTQ_INITS = (*RANGE_SETTINGS, "gptq", "block-ap")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -255,7 +256,7 @@ def parse_choices(text: str, choices: Sequence[str], noun: str) -> list[str]:
 
 
 SECTIONS = {"quant": QuantSpec, "act": ActSpec, "ptq": PTQSpec, "lrqat": LRQATSpec, "train": TrainSpec, "data": DataSpec}
-RUN_KEYS = ("model", "output", "method", "targets", "dtype", "rotate", "export")
+RUN_KEYS = ("model", "output", "method", "targets", "dtype", "rotate", "load", "export")
 
 
 @dataclass
@@ -273,6 +274,10 @@ class RunSpec:
     # Hadamard rotations before quantization: "none" or "hadamard" (R1/R2 merged into
     # the weights; R3/R4 online where activation/KV quantizers benefit)
     rotate: str = "none"
+    # how the model is read: "memory" (from_pretrained, the whole float model) or "stream"
+    # (one tensor at a time from its safetensors checkpoint, baselines block by block:
+    # for models the machine cannot hold as float; same results)
+    load: str = "memory"
     # formats to export the merged model to after the run (RUN/export/FORMAT)
     export: list[str] = field(default_factory=list)
     quant: QuantSpec = field(default_factory=QuantSpec)
@@ -291,6 +296,10 @@ class RunSpec:
             raise LrqatError(f"unknown method {self.method!r}: choose one of {', '.join(METHODS)}.")
         if self.rotate not in ROTATIONS:
             raise LrqatError(f"unknown rotation {self.rotate!r}: choose one of {', '.join(ROTATIONS)}.")
+        if self.load not in LOADS:
+            raise LrqatError(f"unknown load {self.load!r}: choose one of {', '.join(LOADS)}.")
+        if self.load == "stream":
+            self.check_streamable()
         if self.export:
             parse_choices(",".join(self.export), EXPORT_FORMATS, "export format")
             if not METHODS[self.method].quantized:
@@ -304,6 +313,22 @@ class RunSpec:
             getattr(self, section).validate()
         if self.train.loss != "ce" and self.train.teacher == "phi0":
             check_phi0_teacher(self.method, self.lrqat.phi)
+
+    def check_streamable(self) -> None:
+        """What `--load stream` does not do yet, refused by name: each of these needs the
+        whole float model in memory."""
+        needs_float = {
+            "--rotate hadamard": self.rotate != "none",
+            "--act-bits/--kv-bits": self.act.active,
+            f"--init {self.ptq.init}": self.ptq.init in STARTS,
+            f"--method {self.method}": METHODS[self.method].start is not None,
+            "--gptq-baseline": bool(self.ptq.gptq_baseline),
+            f"--teacher {self.train.teacher}": self.train.loss != "ce" and self.train.teacher != "phi0",
+        }
+        refused = [flag for flag, used in needs_float.items() if used]
+        if refused:
+            raise LrqatError(f"--load stream does not combine with {', '.join(refused)} yet (each needs the whole "
+                             "float model): use --load memory, or leave those out.")
 
     def resolve(self, processes: int = 1) -> ResolvedRun:
         """Validate, then fill the defaults once: the method's learning rates where none
@@ -366,6 +391,7 @@ class ResolvedRun:
         """The settings a checkpoint must match to be resumed: `settings` without the
         learning rates, which a user may lower to resume a run that diverged."""
         raw = self.settings
+        raw.pop("load")  # the same model either way
         for name in RESUMABLE_WITH_OTHER:
             raw["train"].pop(name)
         return raw

@@ -1,0 +1,234 @@
+"""Streaming load (`--load stream`): a model built from its safetensors checkpoint one
+tensor at a time, so the float model is never held whole.
+
+`from_pretrained` builds the whole float model first (28 GB in fp32 for a 7B), which a
+24 GiB machine cannot hold although LR-QAT's own training footprint is a fraction of
+that. Here the model's skeleton is built on the meta device (parameters without
+storage; Accelerate's `init_empty_weights`), every tensor that stays float (embeddings,
+norms, head) is read from the checkpoint in the compute dtype, and every target linear
+is read alone, handed to the method's layer builder (range init, Φ0 in its φ format,
+A/B/s) and dropped, so the peak during setup is the training footprint plus one layer.
+
+The float and RTN perplexities of such a model are computed block by block
+(`streamed_perplexities`): the hidden states of every evaluation window go through one
+decoder block at a time, read from the checkpoint, with the RTN copy of that block beside
+it; the model's own forward supplies the blocks' inputs and its tail (`blockwise`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from lrqat.blockwise import call_block, capture_block_calls, decoder_layers, tail_logits
+from lrqat.errors import LrqatError
+from lrqat.evaluate import NLL, Perplexity
+from lrqat.layers import LRQATLinear, QuantLinear
+from lrqat.methods import METHODS, LayerStart
+from lrqat.ranges import init_params
+from lrqat.surgery import freeze, replace_module
+
+if TYPE_CHECKING:
+    from lrqat.spec import LRQATSpec, QuantSpec
+
+LOADS = ("memory", "stream")
+"""`--load`: the whole float model by `from_pretrained`, or this module's streaming load."""
+
+LayerBuilder = Callable[[str, nn.Linear], nn.Module]
+"""What a target linear becomes: `build(qualified_name, float_linear)` → the new layer."""
+
+
+class Checkpoint:
+    """A safetensors checkpoint (one file, or shards with an index) read one tensor at a
+    time. Each read opens the file and closes it again, so no mapping of the whole file
+    stays in the process (mapped pages would count as its memory)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as handle:
+                    self.files.update(dict.fromkeys(handle.keys(), path))
+        if not self.files:
+            raise LrqatError(f"{self.folder} holds no safetensors weights: --load stream reads .safetensors "
+                             "checkpoints; use --load memory for other formats.")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path = self.files.get(name)
+        if path is None:
+            raise LrqatError(f"the checkpoint in {self.folder} has no tensor {name!r}: --load stream needs the "
+                             "model's own tensor names (as save_pretrained writes them); use --load memory.")
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name).clone()
+
+
+def skeleton(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model with every parameter on the meta device (no storage) and frozen; buffers
+    computed from the config (rotary frequencies) are real."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # a tied head shares the embedding (init_empty_weights leaves them apart)
+    freeze(model)
+    return model.eval()
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one parameter (a tied head and embedding), the first as loaded."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def materialize(model: nn.Module, names: list[str], checkpoint: Checkpoint, dtype: torch.dtype) -> None:
+    """Read `names` from the checkpoint into the model, floating tensors cast to `dtype`."""
+    for name in names:
+        set_module_tensor_to_device(model, name, "cpu", value=checkpoint.tensor(name), dtype=dtype)
+
+
+def _aliases(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Each alias of a tied parameter (a tied head) → the name the checkpoint holds it by;
+    aliases are not read, `_tie` points them at the loaded tensor."""
+    aliases = {}
+    for names in _alias_groups(model):
+        stored = next((n for n in names if n in checkpoint), None)
+        if stored is None:
+            raise LrqatError(f"the checkpoint holds none of the tied tensors {names}: it does not match the model.")
+        aliases.update({name: stored for name in names if name != stored})
+    return aliases
+
+
+def _tie(model: nn.Module, aliases: dict[str, str]) -> None:
+    for name, stored in aliases.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(stored))
+
+
+def _float_names(model: nn.Module, exclude_prefixes: tuple[str, ...]) -> list[str]:
+    """The parameters and persistent buffers to read, in the model's order."""
+    return [name for name in model.state_dict() if not name.startswith(exclude_prefixes)]
+
+
+def load_linear(checkpoint: Checkpoint, name: str, template: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    """One target linear, real and frozen, its weight as `from_pretrained` would give it."""
+    linear = nn.utils.skip_init(nn.Linear, template.in_features, template.out_features,
+                                bias=template.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(checkpoint.tensor(f"{name}.weight"))
+        if linear.bias is not None:
+            linear.bias.copy_(checkpoint.tensor(f"{name}.bias"))
+    return linear.requires_grad_(False)
+
+
+def stream_model(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
+                 build: LayerBuilder) -> PreTrainedModel:
+    """The model with every target replaced by `build(name, float_linear)`, read tensor by
+    tensor: targets in the model's module order (the order `apply_method` builds them in,
+    so seeded adapters come out identical), one float linear in memory at a time."""
+    model = skeleton(config, dtype)
+    target_set = set(targets)
+    for name in targets:
+        linear = load_linear(checkpoint, name, model.get_submodule(name), dtype)
+        replace_module(model, name, build(name, linear))
+        del linear
+    aliases = _aliases(model, checkpoint)
+    rest = [n for n in _float_names(model, tuple(f"{t}." for t in target_set)) if n not in aliases]
+    materialize(model, rest, checkpoint, dtype)
+    _tie(model, aliases)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise LrqatError(f"tensors {left[:3]} are still unread after the streaming load: the checkpoint does not "
+                         "match the model's config.")
+    return model
+
+
+@torch.no_grad()
+def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
+                          windows: dict[str, torch.Tensor], variants: dict[str, LayerBuilder | None]
+                          ) -> dict[str, dict[str, Perplexity]]:
+    """Perplexity of each variant of the model on each set of windows, one decoder block
+    in memory at a time (`result[variant][windows_name]`). A variant is the float model
+    (`None`) or the float model with its targets replaced by `build(name, linear)` (RTN)."""
+    model = skeleton(config, dtype)
+    prefix, layers = decoder_layers(model, targets)
+    aliases = _aliases(model, checkpoint)
+    materialize(model, [n for n in _float_names(model, (f"{prefix}.",)) if n not in aliases], checkpoint, dtype)
+    _tie(model, aliases)
+    calls, hidden = {}, {}
+    for set_name, ids in windows.items():
+        first, calls[set_name] = capture_block_calls(model, layers, ids)
+        for variant in variants:
+            hidden[variant, set_name] = [h.clone() for h in first]
+    for index, layer in enumerate(layers):
+        local = f"{prefix}.{index}."
+        materialize(model, [n for n in model.state_dict() if n.startswith(local)], checkpoint, dtype)
+        for variant, build in variants.items():
+            block = layer if build is None else _replaced(layer, local, targets, build)
+            for set_name in windows:
+                states = hidden[variant, set_name]
+                hidden[variant, set_name] = [call_block(block, h, kw)
+                                             for h, kw in zip(states, calls[set_name][index], strict=True)]
+            del block
+        layer.to("meta")  # free the float block before reading the next
+    result: dict[str, dict[str, Perplexity]] = {variant: {} for variant in variants}
+    for (variant, set_name), states in hidden.items():
+        ids = windows[set_name]
+        total = NLL()
+        for row, final in zip(ids, states, strict=True):
+            total.add(tail_logits(model, layers, row[None], final), row[None])
+        result[variant][set_name] = total.perplexity(int(ids.shape[1]))
+    return result
+
+
+def _replaced(layer: nn.Module, local: str, targets: list[str], build: LayerBuilder) -> nn.Module:
+    """A copy of one block with its targets replaced by `build`."""
+    block = copy.deepcopy(layer)
+    for name in targets:
+        if name.startswith(local):
+            relative = name[len(local):]
+            replace_module(block, relative, build(name, block.get_submodule(relative)))
+    return block
+
+
+def rtn_builder(quant: QuantSpec, init: str) -> LayerBuilder:
+    """A target's RTN layer on its range-init grid (the baseline)."""
+    def build(_name: str, linear: nn.Linear) -> nn.Module:
+        return QuantLinear.from_linear(linear, quant, *init_params(linear.weight.detach(), quant, init))
+    return build
+
+
+class MethodBuilder:
+    """A target's layer for `method`, built as `apply_method` builds it (range init, then
+    the method's layer, adapters drawn from one seeded generator in module order), and
+    the count of LR-QAT's step-0 integers that differ from RTN's (`rtn_tie_differences`)."""
+
+    def __init__(self, method: str, quant: QuantSpec, adapter: LRQATSpec | None, init: str, seed: int) -> None:
+        self.method, self.quant, self.adapter, self.init = METHODS[method], quant, adapter, init
+        self.generator = torch.Generator().manual_seed(seed)
+        self.ties = 0
+
+    def __call__(self, _name: str, linear: nn.Linear) -> nn.Module:
+        s0, z0 = init_params(linear.weight.detach(), self.quant, self.init)
+        layer = self.method.build(LayerStart(linear, self.quant, self.adapter, s0, z0, None, self.generator, self.init))
+        if isinstance(layer, LRQATLinear):
+            rtn = QuantLinear.from_linear(linear, self.quant, s0, z0)
+            self.ties += int((layer.int_weight() != rtn.int_weight()).sum())
+        return layer
