@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import gc
 import resource
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,3 +100,25 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     peak = process_memory_mb("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PhaseMeter:
+    """Seconds and peak resident memory of each phase of a run (load, baselines, setup,
+    train, merge, save, export), each phase its own peak window: what the big-model
+    benchmark reports and `results.json` keeps."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, dict[str, float]] = {}
+        self._restart()
+
+    def _restart(self) -> None:
+        reset_peak_memory()
+        self._started = time.perf_counter()
+
+    def end(self, name: str) -> None:
+        """Close the phase `name` (a repeated name adds to it) and open the next window."""
+        seconds, peak = time.perf_counter() - self._started, peak_memory_mb()
+        old = self.phases.get(name, {"seconds": 0.0, "peak_rss_mb": 0.0})
+        self.phases[name] = {"seconds": round(old["seconds"] + seconds, 1),
+                             "peak_rss_mb": round(max(old["peak_rss_mb"], peak), 1)}
+        self._restart()

@@ -26,7 +26,7 @@ from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.formats import check_exportable, export_many
 from lrqat.export.native import save_quantized
-from lrqat.memory import peak_memory_mb
+from lrqat.memory import PhaseMeter, peak_memory_mb
 from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
 from lrqat.models import load_config, load_model, load_tokenizer, resolve_model
 from lrqat.online import check_model, planned_rotation, prepare
@@ -199,6 +199,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         log = _quiet
     out = check_output(run, resume)
     dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+    meter = PhaseMeter()
     streaming = spec.load == "stream"
     if streaming and procs.num_processes > 1:
         raise LrqatError("--load stream runs in one process for now: use --load memory under accelerate launch.")
@@ -212,6 +213,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         else:
             model, tokenizer = load_model(spec.model, dtype=dtype)
             model.to(procs.device)  # this process's GPU, or the CPU
+    meter.end("load")
     found = check_targets(model, spec.quant, spec.targets)
     check_adapter_fits(found, method, spec.lrqat.rank)
     check_model(model, spec.rotate)
@@ -293,6 +295,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         model, ppl_rtn, ties = _memory_start(model, spec, method, measure, baselines, stages, data, log)
     model.to(procs.device)  # adapters are created on the CPU (seeded CPU generator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    meter.end("setup")  # data, baselines, range init, the method's layers
 
     teacher_ppl: dict[str, float] = {}
     if method.trained:
@@ -307,9 +310,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         del teacher, objective
         model = result.model
         ppl_trained = measure(method.name, f"{method.name} (training-time)", model, staged=False)
+        meter.end("train")
         if method.quantized:
             merge_model(model)
             ppl_merged = measure(f"{method.name}_merged", f"{method.name} merged", model, staged=False)
+            meter.end("merge")
         else:  # a float reference: its final model is the trained one
             ppl_merged = ppl_trained
             if held_out is not None:
@@ -331,6 +336,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     ppl_ptq = baselines[ptq.init] if ptq.init in STARTS else ppl_rtn  # (a start method measured itself above)
     if main and method.quantized:
         save_quantized(model, tokenizer, out.model, quant, source=spec.model, act=spec.act, rotation=rotation)
+        meter.end("save")
 
     results = RunResult(
         model=spec.model,
@@ -358,6 +364,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     if main:
         if spec.export:
             results.exports = export_many(out.root, spec.export)
+            meter.end("export")
+        results.phases = meter.phases
         write_results(out, results)
     procs.wait_for_everyone()
     log(f"wrote {out.results} and {out.report}")

@@ -70,6 +70,9 @@ def render_report(r: RunResult) -> str:
         f"peak memory {t['peak_rss_mb']:.0f} MB; {r.trainable_params} trainable parameters"),
         f"- Integers where step 0 differs from RTN (ties of the stored phi): {r.rtn_tie_differences}",
         *[f"- Export {e['format']}: {e['path']} ({e['bytes']:,} bytes)" for e in r.exports],
+        *(["- Phases (seconds, peak memory): " + "; ".join(
+            f"{name} {v['seconds']:.0f} s, {v['peak_rss_mb']:.0f} MB" for name, v in r.phases.items())]
+          if r.phases else []),
         "",
     ]
     return "\n".join(lines)

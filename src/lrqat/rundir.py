@@ -120,6 +120,8 @@ class RunResult:
     ppl_ood: dict[str, float] = field(default_factory=dict)
     eval_data: str | None = None
     eval_data_tokens: int = 0
+    # seconds and peak resident memory (MiB; GPU: peak allocated) of each phase of the run
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def ppl_merged(self) -> float:
