@@ -121,6 +121,8 @@ def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, t
     for key, value in memory.ppl_ood.items():
         assert stream.ppl_ood[key] == pytest.approx(value, rel=1e-6), key
     assert stream.rtn_tie_differences == memory.rtn_tie_differences
+    assert {"load", "setup", "save"} <= set(stream.phases)
+    assert all(v["peak_rss_mb"] > 0 and v["seconds"] >= 0 for v in stream.phases.values())
     models = {load: load_quantized(tmp_path / load / "model") for load in results}
     layers = {load: {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)} for load, model in models.items()}
     assert layers["memory"].keys() == layers["stream"].keys() and layers["memory"]
