@@ -99,9 +99,14 @@ def worker(args) -> dict:
             "process": trainer.accelerator.process_index, "processes": trainer.accelerator.num_processes}
 
 
-def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int = 5) -> list[dict]:
+LAYER_VARIANTS = ("lora", "lrqat-fixed8", "lrqat-int", "lrqat-bf16", "lrqat-fixed8 fused", "lrqat-fixed8 dense-G")
+
+
+def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int = 5,
+                variants: tuple[str, ...] = LAYER_VARIANTS) -> list[dict]:
     """Forward+backward of one layer: LRQATLinear (each φ; fixed8 also fused, and with the
-    dense `G = gᵀx` backward it had before the low-rank form) vs frozen linear + LoRA."""
+    dense `G = gᵀx` backward it had before the low-rank form) vs frozen linear + LoRA
+    (`variants` picks among them; LoRA always runs, every ratio is to it)."""
     import copy
 
     import torch
@@ -123,6 +128,7 @@ def layer_micro(threads: int, dtype: str, tokens: int, rank: int, repeats: int =
         layers["lrqat-fixed8 fused"] = copy.deepcopy(layers["lrqat-fixed8"])
         layers["lrqat-fixed8 fused"].fused = True
         layers["lrqat-fixed8 dense-G"] = layers["lrqat-fixed8"]
+        layers = {name: layer for name, layer in layers.items() if name == "lora" or name in variants}
         timings = {}
         for name, layer in layers.items():
             if isinstance(layer, LRQATLinear):  # "dense-G": the dense backward from the forward on
