@@ -26,6 +26,7 @@ from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.formats import check_exportable, export_many
 from lrqat.export.native import save_quantized
+from lrqat.fit import check_fits
 from lrqat.memory import PhaseMeter, peak_memory_mb
 from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
 from lrqat.models import load_config, load_model, load_tokenizer, resolve_model
@@ -206,6 +207,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     with procs.main_process_first():
         config = load_config(spec.model)
         check_context(config, spec)
+        check_fits(config, spec, procs.num_processes, fsdp_requested())  # before any weight is read
         log(f"loading model {spec.model}" + (" (streaming: one tensor at a time)" if streaming else ""))
         if streaming:  # the skeleton, no float weights; they are read where they are used
             resolved = resolve_model(spec.model)
