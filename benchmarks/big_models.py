@@ -142,8 +142,18 @@ def big_variant(name: str, args: argparse.Namespace) -> dict:
     run = run_cli(flags, Path(args.output) / f"{name}.log")
     train = run["result"]["train"]
     return {"shape": shape, "phi": phi, "parameters": parameters, "limit_gib": LIMITS_GIB[name], **run,
+            "estimate_gib": round(estimated_peak(folder, run["result"]["spec"]) / 2**30, 2),
             "phases": run["result"]["phases"], "bill_bytes": train["bill_bytes"],
             "train_tokens": train["tokens"], "result": None}
+
+
+def estimated_peak(folder: Path, settings: dict) -> int:
+    """What lrqat's memory check (`lrqat.fit`) predicted for the run, beside what it measured."""
+    from lrqat.fit import estimate
+    from lrqat.models import load_config
+    from lrqat.spec import RunSpec
+
+    return estimate(load_config(str(folder)), RunSpec.from_dict({**settings, "output": "unused"})).peak
 
 
 def builtin_loads(args: argparse.Namespace) -> dict:
@@ -181,14 +191,15 @@ def render(record: dict) -> str:
     big = record.get("variants", {})
     if big:
         lines += ["## Full-depth 7B and 13B shapes (random weights), streamed", "",
-                  "| variant | parameters | process peak GiB | target GiB | " + " | ".join(
+                  "| variant | parameters | process peak GiB | lrqat's estimate GiB | target GiB | " + " | ".join(
                       f"{p} s / GiB" for p in ("load", "setup", "train", "merge", "save", "export")) + " | static bill GiB |",
-                  "|---|---|---|---|" + "---|" * 7]
+                  "|---|---|---|---|---|" + "---|" * 7]
         for name, v in big.items():
             cells = [f"{v['phases'][p]['seconds']:.0f} / {v['phases'][p]['peak_rss_mb'] / 1024:.1f}"
                      if p in v["phases"] else "–" for p in ("load", "setup", "train", "merge", "save", "export")]
             bill = v["bill_bytes"]["total"] / 2**30 if isinstance(v["bill_bytes"], dict) else v["bill_bytes"] / 2**30
-            lines.append(f"| {name} | {v['parameters'] / 1e9:.2f} B | {v['peak_rss_mib'] / 1024:.1f} | ≤ {v['limit_gib']} | "
+            lines.append(f"| {name} | {v['parameters'] / 1e9:.2f} B | {v['peak_rss_mib'] / 1024:.1f} | "
+                         f"{v['estimate_gib']:.1f} | ≤ {v['limit_gib']} | "
                          + " | ".join(cells) + f" | {bill:.1f} |")
         lines += ["", "Commands (`lrqat quantize` flags per variant):", "",
                   *[f"- {name}: `{v['flags']}` ({v['wall_seconds'] / 60:.1f} min, {v['train_tokens']} training tokens)"
