@@ -17,6 +17,7 @@ from lrqat.phi import PHI_FORMATS
 from lrqat.rotation import ROTATIONS
 from lrqat.spec import DTYPES, EXPORT_FORMATS, PTQ_INITS, SCHEDULES, RunSpec, parse_choices
 from lrqat.streaming import LOADS
+from lrqat.tasks import parse_tasks
 
 # flag name → (section, field) of RunSpec
 _FLAG_FIELDS = {
@@ -35,6 +36,7 @@ _FLAG_FIELDS = {
     "eval_data": ("data", "eval_source"),
     "eval_context": ("data", "eval_context"),
     "eval_tokens": ("data", "eval_tokens"),
+    "task_limit": ("data", "task_limit"),
     "bits": ("quant", "bits"),
     "init": ("ptq", "init"),
     "phi": ("lrqat", "phi"),
@@ -96,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true",
                    help="replace an existing destination that is not an earlier export of the same format")
 
+    ev = sub.add_parser("eval", help="zero-shot task accuracy (lm-eval) of a finished run's float, RTN and merged "
+                        "models, added to its results.json and report.md")
+    ev.add_argument("run", type=Path, help="run folder of `lrqat quantize`")
+    ev.add_argument("--tasks", default="local", help="'local' (lrqat_lambada, lrqat_hellaswag: built from the run's "
+                    "held-out documents) and/or lm-eval task names (those need the hub), comma-separated")
+    ev.add_argument("--task-limit", type=int, default=200, help="examples per task (default 200)")
+
     g = sub.add_parser("generate", help="generate text with a merged integer model")
     g.add_argument("run", type=Path, help="run folder of `lrqat quantize` (or its model/ folder)")
     g.add_argument("--prompt", required=True, help="text to continue")
@@ -117,6 +126,9 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--data", help="'brown' or 'sotu' (built in), a .txt/.jsonl file, a folder of them, or hf:NAME[:CONFIG]")
     q.add_argument("--eval-data", help="a second corpus never trained on, evaluated beside the held-out split "
                    "(out-of-domain quality): 'sotu' (built in), a file or folder")
+    q.add_argument("--tasks", help="zero-shot tasks scored by lm-eval on the float, RTN and merged models: 'local' "
+                   "(lrqat_lambada, lrqat_hellaswag from the corpus's held-out documents) or lm-eval task names")
+    q.add_argument("--task-limit", type=int, help="examples per task (default 200)")
     q.add_argument("--gptq-baseline", action="store_true", default=None,
                    help="also evaluate GPTQ, to report the gap recovered against GPTQ (G_GPTQ)")
     q.add_argument("--output", "-o", help="run folder (default runs/default)")
@@ -210,6 +222,8 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         raw.setdefault("ptq", {})["act_order"] = False
     if args.gptq_baseline:
         raw.setdefault("ptq", {})["gptq_baseline"] = True
+    if getattr(args, "tasks", None):
+        raw.setdefault("data", {})["tasks"] = parse_tasks(args.tasks)
     if getattr(args, "export", None):
         raw["export"] = parse_choices(args.export, EXPORT_FORMATS, "export format")
     return RunSpec.from_dict(raw)
@@ -246,6 +260,14 @@ def main(argv: list[str] | None = None) -> int:
 
             formats = parse_choices(args.format, EXPORT_FORMATS, "export format")
             print_exports(export_many(args.run, formats, args.output, force=args.force))
+            return 0
+        if args.command == "eval":
+            from lrqat.run_eval import evaluate_run
+
+            if args.task_limit < 1:
+                raise LrqatError(f"--task-limit {args.task_limit} must be a positive number of examples per task.")
+            result = evaluate_run(args.run, parse_tasks(args.tasks), args.task_limit)
+            print(json.dumps(result.tasks, indent=2))
             return 0
         if args.command == "generate":
             from lrqat.generate import generate

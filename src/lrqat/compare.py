@@ -83,6 +83,7 @@ def summarize(rows: dict[str, RunResult]) -> dict[str, Any]:
             "train_tokens": r.train["tokens"],
             "peak_memory_mb": r.train["peak_rss_mb"],
             "trainable_params": r.trainable_params,
+            "tasks": r.tasks.get(f"{method}_merged", {}),
         }
     return {
         "model": first.model, "data": first.data, "eval_data": first.eval_data,
@@ -90,6 +91,7 @@ def summarize(rows: dict[str, RunResult]) -> dict[str, Any]:
         "eval_tokens": first.eval_tokens, "context": first.context, "eval_data_tokens": first.eval_data_tokens,
         "ppl_float": ppl_float, "ppl_rtn": ppl_rtn, "ppl_gptq": gptq,
         "ppl_ood_float": ood.get("float"), "ppl_ood_rtn": ood.get("rtn"), "ppl_ood_gptq": ood_gptq,
+        "tasks_float": first.tasks.get("float", {}), "tasks_rtn": first.tasks.get("rtn", {}),
         "methods": methods,
     }
 
@@ -129,7 +131,23 @@ def render_compare(s: dict[str, Any]) -> str:
             row += f" {_num(m.get('ppl_ood'))} | {_num(m.get('ood_g_rtn'))} | {_num(m.get('ood_g_gptq'))} |"
         lines.append(row + f" {m['train_seconds']:.0f} | {m['train_tokens']} | {m['peak_memory_mb']:.0f} | "
                            f"{m['trainable_params']:,} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + compare_task_table(s)) + "\n"
+
+
+def compare_task_table(s: dict[str, Any]) -> list[str]:
+    """Zero-shot accuracy per method beside float and RTN (where --tasks ran)."""
+    reference = s.get("tasks_float") or {}
+    columns = [(task, metric) for task, metrics in reference.items() for metric in metrics]
+    if not columns:
+        return []
+    rows = [("float", reference), ("RTN", s.get("tasks_rtn") or {})]
+    rows += [(METHODS[method].label, m.get("tasks") or {}) for method, m in s["methods"].items()]
+    lines = ["", "Zero-shot task accuracy (lm-eval), merged models:", "",
+             "| model | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for name, tasks in rows:
+        lines.append(f"| {name} | " + " | ".join(_num(tasks.get(t, {}).get(m)) for t, m in columns) + " |")
+    return lines
 
 
 def plot_compare(s: dict[str, Any], out: RunDir, path: Path) -> None:

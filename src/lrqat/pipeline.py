@@ -46,6 +46,7 @@ from lrqat.streaming import (
     streamed_perplexities,
 )
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
+from lrqat.tasks import TaskScorer, task_accuracy
 from lrqat.trainer import TrainResult, train
 
 
@@ -128,8 +129,8 @@ class Stages:
 
 
 def _memory_start(model: torch.nn.Module, spec: RunSpec, method: Method, measure: Callable[..., float],
-                  baselines: dict[str, float], stages: Stages, data: Any,
-                  log: Callable[[str], None]) -> tuple[torch.nn.Module, float, int]:
+                  baselines: dict[str, float], stages: Stages, data: Any, log: Callable[[str], None],
+                  score_tasks: TaskScorer) -> tuple[torch.nn.Module, float, int]:
     """From the float model in memory: range init, the RTN baseline, the calibrated starts
     (measured into `baselines`), then the method's layers in place. Returns the
     model, RTN's perplexity and the count of LR-QAT's step-0 integers that differ from RTN."""
@@ -138,6 +139,7 @@ def _memory_start(model: torch.nn.Module, spec: RunSpec, method: Method, measure
     ranges = init_ranges(model, quant, targets, ptq.range_init)
     rtn_model = apply_rtn(copy.deepcopy(model), quant, targets, ranges)
     ppl_rtn = measure("rtn", "RTN", rtn_model)
+    score_tasks("rtn", rtn_model)
     # Calibrated starts (GPTQ, Block-AP): the method's own, the one --init asks for, and
     # GPTQ as a baseline with --gptq-baseline; each is evaluated unless it is the method.
     start = method.start or (ptq.init if ptq.init in STARTS else None)
@@ -264,10 +266,28 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
                             else evaluate(ood_name, m, held_out))
         return ppl
 
+    task_scores: dict[str, dict[str, dict[str, float]]] = {}
+
+    def score_tasks(key: str, m: torch.nn.Module, staged: bool = True) -> None:
+        """Zero-shot accuracy of `m` on --tasks (nothing without them), kept as a stage."""
+        if not spec.data.tasks:
+            return
+
+        def score() -> dict[str, dict[str, float]]:
+            started = time.perf_counter()
+            found = task_accuracy(m, tokenizer, spec.data.tasks, spec.data.task_limit, spec.data.source,
+                                  spec.data.eval_fraction)
+            log(f"tasks {key}: " + ", ".join(f"{t} {v.get('acc', float('nan')):.3f}" for t, v in found.items())
+                + f" ({time.perf_counter() - started:.0f} s)")
+            return found
+
+        task_scores[key] = stages.get(f"tasks_{key}", score) if staged else score()
+
     if streaming:  # the float and RTN baselines block by block, kept as the stages measure() reads
         streamed_baselines(checkpoint, config, dtype, [name for name, _ in found],
                            {"": data.eval, "ood_": held_out}, rtn_builder(spec.quant, spec.ptq.range_init), stages, log)
     ppl_float = measure("float", "float", model)
+    score_tasks("float", model)
     teacher: Teacher | None = None
     if method.trained and spec.train.loss != "ce":
         def sequences() -> list[torch.Tensor]:  # every sequence the run trains on (for the cache teacher)
@@ -294,7 +314,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         model = stream_model(checkpoint, config, dtype, [name for name, _ in found], builder)
         ties = stages.get("rtn_tie_differences", lambda: builder.ties)
     else:
-        model, ppl_rtn, ties = _memory_start(model, spec, method, measure, baselines, stages, data, log)
+        model, ppl_rtn, ties = _memory_start(model, spec, method, measure, baselines, stages, data, log,
+                                             score_tasks)
     model.to(procs.device)  # adapters are created on the CPU (seeded CPU generator)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     meter.end("setup")  # data, baselines, range init, the method's layers
@@ -316,9 +337,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         if method.quantized:
             merge_model(model)
             ppl_merged = measure(f"{method.name}_merged", f"{method.name} merged", model, staged=False)
+            score_tasks(f"{method.name}_merged", model, staged=False)
             meter.end("merge")
         else:  # a float reference: its final model is the trained one
             ppl_merged = ppl_trained
+            score_tasks(f"{method.name}_merged", model, staged=False)
             if held_out is not None:
                 ppl_ood[f"{method.name}_merged"] = ppl_ood[method.name]
     else:
@@ -326,10 +349,13 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         # RTN's integer model is the baseline already evaluated; GPTQ's is new.
         if method.name == "rtn":
             ppl_merged = ppl_rtn
+            if "rtn" in task_scores:
+                task_scores["rtn_merged"] = task_scores["rtn"]
             if held_out is not None:
                 ppl_ood["rtn_merged"] = ppl_ood["rtn"]
         else:
             ppl_merged = measure(f"{method.name}_merged", f"{method.name} merged", model, staged=False)
+            score_tasks(f"{method.name}_merged", model, staged=False)
         ppl_trained = ppl_merged
         if method.start is not None:  # the method is itself a baseline of the others' gaps
             baselines[method.name] = ppl_merged
@@ -362,6 +388,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
                "peak_rss_mb": result.peak_rss_mb, "bill_bytes": result.bill_bytes,
                "final_loss": result.losses[-1] if result.losses else None, "teacher_cache_bytes": cache_bytes},
         model_dir=str(out.model) if method.quantized else "",
+        tasks=task_scores,
     )
     if main:
         if spec.export:

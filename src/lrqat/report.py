@@ -6,11 +6,33 @@ from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.methods import METHODS
 from lrqat.rundir import RunDir, RunResult
+from lrqat.tasks import accuracy_recovered
 
 
 def write_results(out: RunDir, results: RunResult) -> None:
     atomic_write_text(out.results, results.to_json())
     atomic_write_text(out.report, render_report(results))
+
+
+def task_table(tasks: dict[str, dict[str, dict[str, float]]], method: str, label: str) -> list[str]:
+    """Zero-shot accuracy of the float, RTN and merged models, and the share of RTN's
+    accuracy loss the method wins back (like G)."""
+    if not tasks:
+        return []
+    models = [(key, name) for key, name in (("float", "float"), ("rtn", "RTN"), (f"{method}_merged", f"{label} merged"))
+              if key in tasks]
+    columns = [(task, metric) for task, metrics in tasks[models[0][0]].items() for metric in metrics]
+    lines = ["", "Zero-shot task accuracy (lm-eval):", "",
+             "| model | " + " | ".join(f"{task} {metric}" for task, metric in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for key, name in models:
+        lines.append(f"| {name} | " + " | ".join(f"{tasks[key][t][m]:.3f}" for t, m in columns) + " |")
+    merged = f"{method}_merged"
+    if all(k in tasks for k in ("float", "rtn", merged)):
+        cells = [accuracy_recovered(tasks["float"][t][m], tasks["rtn"][t][m], tasks[merged][t][m]) for t, m in columns]
+        lines.append("| accuracy recovered over RTN | " + " | ".join("n/a" if c is None else f"{c:.1%}" for c in cells)
+                     + " |")
+    return lines
 
 
 def render_report(r: RunResult) -> str:
@@ -70,6 +92,7 @@ def render_report(r: RunResult) -> str:
         f"peak memory {t['peak_rss_mb']:.0f} MB; {r.trainable_params} trainable parameters"),
         f"- Integers where step 0 differs from RTN (ties of the stored phi): {r.rtn_tie_differences}",
         *[f"- Export {e['format']}: {e['path']} ({e['bytes']:,} bytes)" for e in r.exports],
+        *task_table(r.tasks, r.method, name),
         *(["- Phases (seconds, peak memory): " + "; ".join(
             f"{name} {v['seconds']:.0f} s, {v['peak_rss_mb']:.0f} MB" for name, v in r.phases.items())]
           if r.phases else []),

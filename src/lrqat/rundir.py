@@ -122,6 +122,8 @@ class RunResult:
     eval_data_tokens: int = 0
     # seconds and peak resident memory (MiB; GPU: peak allocated) of each phase of the run
     phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    # zero-shot accuracy by model (float, rtn, METHOD_merged, ...) → task → metric (acc, acc_norm)
+    tasks: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     @property
     def ppl_merged(self) -> float:

@@ -29,6 +29,7 @@ from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
 from lrqat.rotation import ROTATIONS
 from lrqat.streaming import LOADS
+from lrqat.tasks import parse_tasks
 
 PTQ_INITS = (*RANGE_SETTINGS, "gptq", "block-ap")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -226,8 +227,16 @@ class DataSpec:
     eval_fraction: float = 0.1
     eval_context: int = 1024
     eval_tokens: int = 8192
+    # zero-shot tasks scored through lm-eval on the float, RTN and merged models ("local":
+    # lrqat_lambada and lrqat_hellaswag, built from this corpus's held-out documents)
+    tasks: list[str] = field(default_factory=list)
+    task_limit: int | None = 200  # examples per task (None: all)
 
     def validate(self) -> None:
+        if self.tasks:
+            parse_tasks(",".join(self.tasks))
+        if self.task_limit is not None and (not isinstance(self.task_limit, int) or self.task_limit < 1):
+            raise LrqatError(f"task-limit={self.task_limit!r} must be a positive number of examples per task.")
         if self.eval_source is not None and self.eval_source == self.source:
             raise LrqatError(f"--eval-data {self.eval_source} is the training corpus: its held-out split is always "
                              "evaluated; name another corpus (e.g. sotu) or leave --eval-data out.")
@@ -323,6 +332,7 @@ class RunSpec:
             f"--init {self.ptq.init}": self.ptq.init in STARTS,
             f"--method {self.method}": METHODS[self.method].start is not None,
             "--gptq-baseline": bool(self.ptq.gptq_baseline),
+            "--tasks": bool(self.data.tasks),
             f"--teacher {self.train.teacher}": self.train.loss != "ce" and self.train.teacher != "phi0",
         }
         refused = [flag for flag, used in needs_float.items() if used]
@@ -392,6 +402,8 @@ class ResolvedRun:
         learning rates, which a user may lower to resume a run that diverged."""
         raw = self.settings
         raw.pop("load")  # the same model either way
+        raw["data"].pop("tasks")  # evaluations only: a run may be resumed to add them
+        raw["data"].pop("task_limit")
         for name in RESUMABLE_WITH_OTHER:
             raw["train"].pop(name)
         return raw
