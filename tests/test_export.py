@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsC
 
 from lrqat.errors import LrqatError
 from lrqat.export.formats import export, merged_model_dir
-from lrqat.export.gguf_llama import rotary_permutation
 from lrqat.export.native import load_quantized, save_quantized
 from lrqat.export.tensors import quant_layers
 from lrqat.methods import DEFAULT_TARGETS, apply_method
@@ -86,6 +85,11 @@ def test_compressed_tensors_holds_our_integers(tmp_path, tiny_model_dir):
         assert torch.equal(state[f"{name}.weight_scale"], layer.scales)
 
 
+def rotary_permutation(rows, heads):
+    """Row order llama.cpp expects for q/k projections: per head, the halves interleaved."""
+    return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
 def expected_gguf_weight(layer):
     """What a GGUF block decodes to: our integers with scales (and Q4_1 offsets) in fp16."""
     q, s, z = layer.int_weight(), layer.scales.half().float(), layer.zeros
@@ -121,7 +125,7 @@ def test_gguf_blocks_decode_to_our_integers(tmp_path, tiny_model_dir, spec, bloc
         assert torch.equal(decoded, expected)
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("llama.", "tokenizer.ggml.pre"))}
     assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 2
-    assert fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.pre"] == "smollm"  # llama.cpp's converter recognises the tokenizer
 
 
 @pytest.mark.parametrize("spec", [W4_SYM, W4_G32_ASYM], ids=["q4_0", "q4_1"])

@@ -25,6 +25,7 @@ from lrqat.distill import CacheTeacher, Objective, Phi0Teacher, Teacher, make_te
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
 from lrqat.export.formats import check_exportable, export_many
+from lrqat.export.gguf_convert import check_gguf_architecture
 from lrqat.export.native import save_quantized
 from lrqat.fit import check_fits
 from lrqat.memory import PhaseMeter, peak_memory_mb
@@ -210,6 +211,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         config = load_config(spec.model)
         check_context(config, spec)
         check_fits(config, spec, procs.num_processes, fsdp_requested())  # before any weight is read
+        if "gguf" in spec.export:
+            check_gguf_architecture(config)
         log(f"loading model {spec.model}" + (" (streaming: one tensor at a time)" if streaming else ""))
         if streaming:  # the skeleton, no float weights; they are read where they are used
             resolved = resolve_model(spec.model)

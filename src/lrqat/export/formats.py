@@ -44,7 +44,7 @@ def check_exportable(formats: list[str], spec: QuantSpec, act: ActSpec | None = 
                              "activations and KV cache stay float (--act-bits 16 --kv-bits 16: R1/R2 live in the "
                              "weights), or quantize activations without --rotate.")
     if "gguf" in formats:
-        from lrqat.export.gguf_llama import block_type_for
+        from lrqat.export.gguf_blocks import block_type_for
 
         block_type_for(spec)
         if act.bits < 16:
@@ -222,7 +222,7 @@ def write_format(fmt: str, model, tokenizer, source: Path, spec: QuantSpec, outp
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
     try:
         if fmt == "gguf":
-            from lrqat.export.gguf_llama import export_gguf
+            from lrqat.export.gguf_convert import export_gguf
 
             if gguf_file:  # a single file: written beside its destination, then renamed over it
                 gguf_report = export_gguf(model, tokenizer, source, spec, staging / output.name)

@@ -1,0 +1,86 @@
+"""Run llama.cpp's own HF → GGUF converter with lrqat's integers substituted (a subprocess).
+
+Started by `gguf_convert.export_gguf_converted` as
+`python gguf_convert_driver.py CONVERTER_DIR FLOAT_DIR CODES.pt OUT.gguf BLOCK_TYPE PRE NAME`
+with the converter's own `gguf-py` first on the path (the converter and its gguf
+package are versioned together; lrqat's process keeps the installed `gguf`).
+
+The converter reads the dequantized float folder and does everything it knows per
+family: tensor names, metadata, tokenizer, rotary permutations, fused or split
+projections. Two of its steps are wrapped:
+- `modify_tensors`: for each quantized weight, the same transform is applied to the
+  integer matrix and to its per-block scales (and offsets), so a row permutation or a
+  split moves integers and scales together, exactly;
+- `gguf_writer.add_tensor`: a quantized weight is written as GGUF blocks packed from
+  those integers (Q4_0/Q4_1/Q8_0, `gguf_blocks.pack_codes`), every other tensor in the
+  smallest type that holds it exactly (`gguf_blocks.float_tensor`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def main(converter: str, float_dir: str, quantized: str, out: str, block_type: str, pre_tokenizer: str,
+         name: str) -> None:
+    sys.path[:] = [converter, str(Path(converter) / "gguf-py"), *sys.path[1:]]  # not this script's folder
+    import gguf
+    import torch
+    from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
+
+    from lrqat.export.gguf_blocks import FILE_TYPES, float_tensor, pack_codes
+
+    kind = gguf.GGMLQuantizationType[block_type]
+    layers: dict[str, dict[str, torch.Tensor]] = torch.load(quantized, weights_only=True)
+    hparams = ModelBase.load_hparams(Path(float_dir), False)
+    model_class = get_model_class(get_model_architecture(hparams, ModelType.TEXT), mmproj=False)
+    model = model_class(Path(float_dir), gguf.LlamaFileType.ALL_F32, Path(out), eager=True, model_name=name)
+    writer = model.gguf_writer
+    replacements: dict[str, object] = {}
+    original_modify = model.modify_tensors
+
+    def modify(data_torch: torch.Tensor, name: str, bid: int | None):
+        results = list(original_modify(data_torch, name, bid))
+        layer = layers.get(name)
+        if layer is not None:
+            parts = {key: [t for _, t in original_modify(value, name, bid)] for key, value in layer.items()}
+            for index, (new_name, _) in enumerate(results):
+                replacements[new_name] = pack_codes(*(parts[key][index] if key in parts else None
+                                                      for key in ("q", "d", "m")), kind)
+        return results
+
+    model.modify_tensors = modify
+    original_pre = model.get_vocab_base_pre
+
+    def vocab_base_pre(tokenizer) -> str:
+        # The converter names a BPE pre-tokenizer by hashing its output on a test text and
+        # knows only the hashes of published tokenizers; one rebuilt from a GGUF (the
+        # built-in model's) hashes differently, so lrqat's reading of tokenizer.json decides.
+        try:
+            return original_pre(tokenizer)
+        except NotImplementedError:
+            return pre_tokenizer
+
+    model.get_vocab_base_pre = vocab_base_pre
+    original_add, original_file_type = writer.add_tensor, writer.add_file_type
+
+    def add_tensor(name: str, tensor, raw_shape=None, raw_dtype=None, **kwargs):
+        if name in replacements:
+            return original_add(name, replacements.pop(name), raw_dtype=kind)
+        if raw_dtype == gguf.GGMLQuantizationType.F32 and tensor.dtype.kind == "f":
+            data, dtype = float_tensor(torch.from_numpy(tensor.copy()), tensor.ndim == 1)
+            return original_add(name, data, raw_dtype=dtype)
+        return original_add(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, **kwargs)
+
+    writer.add_tensor = add_tensor
+    writer.add_file_type = lambda _ftype: original_file_type(FILE_TYPES[kind])
+    writer.add_string("lrqat.export", "gguf")  # marks the file as ours: a later export may replace it
+    with torch.inference_mode():
+        model.write()
+    if replacements:
+        raise SystemExit(f"quantized tensors never written: {sorted(replacements)[:3]}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:8])
