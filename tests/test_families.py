@@ -32,7 +32,7 @@ IDS = [1, 504, 3458, 28, 253, 1345, 314, 2030, 30, 1839, 281, 2135, 42, 17, 650,
 
 
 def family_config(name: str, tokenizer):
-    common = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    common = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id or 0, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     return {"llama": lambda: LlamaConfig(**common, tie_word_embeddings=True),
@@ -40,7 +40,25 @@ def family_config(name: str, tokenizer):
             "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),  # q/k/v biases
             "qwen3": lambda: Qwen3Config(**common, head_dim=16),  # q/k norms
             "gemma2": lambda: Gemma2Config(**common, head_dim=16),  # scaled embeddings, soft-capping, post-norms
-            "phi3": lambda: Phi3Config(**common, pad_token_id=0)}[name]()  # fused qkv and gate_up
+            "phi3": lambda: Phi3Config(**common)}[name]()  # fused qkv and gate_up
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    """A SentencePiece tokenizer (800 BPE pieces trained on a slice of Brown), as Gemma,
+    Phi-3 and Llama 2 ship theirs: a `tokenizer.model` that llama.cpp's converter reads."""
+    import sentencepiece as spm
+
+    from lrqat.data import brown_documents
+
+    folder = tmp_path_factory.mktemp("sp")
+    (folder / "text.txt").write_text("\n".join(d.text for d in brown_documents()[:60]))
+    spm.SentencePieceTrainer.train(input=str(folder / "text.txt"), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=800, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=3, minloglevel=2)
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}')
+    return AutoTokenizer.from_pretrained(folder)
 
 
 @pytest.fixture(scope="module")
@@ -81,24 +99,38 @@ def test_merge_is_exact_and_transformers_loads_the_compressed_tensors_export(tmp
     assert ((logits(theirs) - ours).abs().max() / ours.abs().max()).item() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
-def test_llama_cpp_runs_the_gguf_its_converter_wrote_from_our_integers(tmp_path, tokenizer, name):
+def llama_cpp_logits(path, ids):
     from llama_cpp import Llama
 
+    llm = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(ids)
+    return llm, torch.tensor(np.array(llm.scores[: len(ids)]))
+
+
+TEXT = "The jury said it did find that many of Georgia's 1,200 registration laws are outmoded."
+
+
+@pytest.mark.parametrize(("name", "vocab"), [("llama", "bpe"), ("mistral", "bpe"), ("qwen2", "bpe"), ("qwen3", "bpe"),
+                                             ("gemma2", "sentencepiece"), ("phi3", "sentencepiece"),
+                                             ("llama", "sentencepiece")])
+def test_llama_cpp_runs_the_gguf_its_converter_wrote_from_our_integers(tmp_path, request, name, vocab):
+    tokenizer = request.getfixturevalue("tokenizer" if vocab == "bpe" else "sp_tokenizer")
     model = trained(name, tokenizer)
     merge_model(model)
     save_quantized(model, tokenizer, tmp_path / "model", W4)
     report = export(tmp_path, "gguf")
     assert report["block_type"] == "Q4_0" and report["max_abs_weight_change"] < 1e-3  # fp16 scales only
-    llm = Llama(model_path=report["path"], n_ctx=64, logits_all=True, verbose=False, n_threads=2)
-    llm.eval(IDS)
-    theirs = torch.tensor(np.array(llm.scores[: len(IDS)]))
-    ours = logits(model)
+    ids = tokenizer(TEXT).input_ids[:16]
+    llm, theirs = llama_cpp_logits(report["path"], ids)
+    ours = logits(model, ids)
     assert ((theirs - ours).abs().max() / ours.abs().max()).item() < 0.05
-    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item() >= 0.9
-    if name in ("llama", "mistral"):  # the built-in tokenizer is a Llama-family one; Qwen's converter names its own
-        text = "The jury said it did find that many of Georgia's 1,200 registration laws are outmoded."
-        assert llm.tokenize(text.encode(), add_bos=False) == tokenizer(text).input_ids
+    # random tiny models have near-ties: most, not all, top tokens agree
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item() >= 0.75
+    # the same tokens, where the tokenizer is the family's own kind (Qwen's converter names its own
+    # BPE pre-tokenizer; Gemma's SentencePiece adds no dummy prefix, the test tokenizer does)
+    if (name, vocab) in (("llama", "bpe"), ("mistral", "bpe"), ("phi3", "sentencepiece"), ("llama", "sentencepiece")):
+        theirs_ids = llm.tokenize(TEXT.encode(), add_bos=False)
+        assert theirs_ids == tokenizer(TEXT, add_special_tokens=False).input_ids
 
 
 def test_an_architecture_llama_cpp_lacks_is_refused_in_one_line_naming_what_exports(tmp_path, tokenizer):

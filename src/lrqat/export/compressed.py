@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lrqat.activations import ActSpec
 from lrqat.errors import LrqatError
-from lrqat.export.tensors import compact_float, quant_layers, unquantized_tensors
+from lrqat.export.tensors import compact_float, quant_layers, save_tokenizer, unquantized_tensors
 from lrqat.spec import QuantSpec
 
 
@@ -88,6 +88,6 @@ def save_compressed_tensors(
     config.quantization_config = quantization_config(model, spec, act)
     config.save_pretrained(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     save_file({**rest, **quantized_state}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return sum(t.numel() * t.element_size() for k, t in quantized_state.items() if not k.endswith(".bias"))

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lrqat.export.tensors import quant_layers
+from lrqat.export.tensors import quant_layers, save_tokenizer
 from lrqat.surgery import replace_module
 
 
@@ -30,5 +30,5 @@ def save_dequantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None
     """fp32, so the float model computes exactly what the integer model computes."""
     dequantized_model(model).save_pretrained(folder)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     return folder

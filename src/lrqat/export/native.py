@@ -28,7 +28,7 @@ from transformers.initialization import no_init_weights
 from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
-from lrqat.export.tensors import quant_layers, unique_tensors
+from lrqat.export.tensors import quant_layers, save_tokenizer, unique_tensors
 from lrqat.layers import QuantLinear
 from lrqat.models import load_config
 from lrqat.online import apply_online
@@ -51,7 +51,7 @@ def save_quantized(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, 
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)  # (its attention implementation is not serialised)
     if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
     save_file(unique_tensors(model.state_dict()), str(folder / "model.safetensors"), metadata={"format": "pt"})
     meta = {
         "format": FORMAT,

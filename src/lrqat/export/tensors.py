@@ -1,9 +1,13 @@
-"""Tensor helpers shared by every export format."""
+"""Tensor and tokenizer helpers shared by every export format."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from lrqat.layers import QuantLinear
 
@@ -48,3 +52,15 @@ def compact_float(tensor: torch.Tensor) -> torch.Tensor:
         if exact_in(tensor, dtype):
             return tensor.to(dtype)
     return tensor
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """`save_pretrained`, plus the SentencePiece model the tokenizer was read from
+    (`tokenizer.model`), which transformers 5 no longer writes but llama.cpp's converter
+    needs for SentencePiece families (Gemma, Phi-3, Llama 2)."""
+    tokenizer.save_pretrained(folder)
+    source = getattr(tokenizer, "vocab_file", None)
+    if isinstance(source, str) and source.endswith(".model") and Path(source).is_file():
+        target = Path(folder) / "tokenizer.model"
+        if not target.exists():
+            shutil.copyfile(source, target)
