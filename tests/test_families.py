@@ -110,9 +110,9 @@ def llama_cpp_logits(path, ids):
 TEXT = "The jury said it did find that many of Georgia's 1,200 registration laws are outmoded."
 
 
-@pytest.mark.parametrize(("name", "vocab"), [("llama", "bpe"), ("mistral", "bpe"), ("qwen2", "bpe"), ("qwen3", "bpe"),
-                                             ("gemma2", "sentencepiece"), ("phi3", "sentencepiece"),
-                                             ("llama", "sentencepiece")])
+# (Llama with the built-in BPE tokenizer is tested in test_export; Mistral is a Llama in llama.cpp)
+@pytest.mark.parametrize(("name", "vocab"), [("qwen2", "bpe"), ("qwen3", "bpe"), ("gemma2", "sentencepiece"),
+                                             ("phi3", "sentencepiece"), ("llama", "sentencepiece")])
 def test_llama_cpp_runs_the_gguf_its_converter_wrote_from_our_integers(tmp_path, request, name, vocab):
     tokenizer = request.getfixturevalue("tokenizer" if vocab == "bpe" else "sp_tokenizer")
     model = trained(name, tokenizer)
@@ -128,7 +128,7 @@ def test_llama_cpp_runs_the_gguf_its_converter_wrote_from_our_integers(tmp_path,
     assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item() >= 0.75
     # the same tokens, where the tokenizer is the family's own kind (Qwen's converter names its own
     # BPE pre-tokenizer; Gemma's SentencePiece adds no dummy prefix, the test tokenizer does)
-    if (name, vocab) in (("llama", "bpe"), ("mistral", "bpe"), ("phi3", "sentencepiece"), ("llama", "sentencepiece")):
+    if (name, vocab) in (("phi3", "sentencepiece"), ("llama", "sentencepiece")):
         theirs_ids = llm.tokenize(TEXT.encode(), add_bos=False)
         assert theirs_ids == tokenizer(TEXT, add_special_tokens=False).input_ids
 
