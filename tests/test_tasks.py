@@ -86,3 +86,14 @@ def test_a_run_with_tasks_reports_float_rtn_and_merged_accuracy_and_eval_adds_th
     tasks = RunDir(tmp_path / "run").read_result().tasks
     assert set(tasks["lrqat_merged"]) == {"lrqat_lambada"} or "lrqat_lambada" in tasks["lrqat_merged"]
     assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+def test_the_compare_table_lists_each_methods_task_accuracy_beside_float_and_rtn():
+    from lrqat.compare import compare_task_table
+
+    summary = {"tasks_float": {"t": {"acc": 0.5}}, "tasks_rtn": {"t": {"acc": 0.3}},
+               "methods": {"lrqat": {"tasks": {"t": {"acc": 0.45}}}, "gptq": {"tasks": {}}}}
+    lines = compare_task_table(summary)
+    assert "| float | 0.500 |" in lines and "| RTN | 0.300 |" in lines and "| LR-QAT | 0.450 |" in lines
+    assert "| GPTQ | n/a |" in lines
+    assert compare_task_table({"methods": {}}) == []
