@@ -26,21 +26,14 @@ import json
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 
 from lrqat.errors import LrqatError
+from lrqat.export.gguf_packing import BLOCK
 from lrqat.export.native import source_model
-from lrqat.export.tensors import exact_in
 from lrqat.layers import QuantLinear
 from lrqat.spec import QuantSpec
 
-BLOCK = 32
-FILE_TYPES = {
-    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-}
 LOSSLESS = "symmetric 4-bit (Q4_0), asymmetric 4-bit (Q4_1) or symmetric 8-bit (Q8_0), per-channel or groups of a multiple of 32"
 
 
@@ -73,16 +66,6 @@ def block_scales(values: torch.Tensor, in_features: int) -> torch.Tensor:
     return values.repeat_interleave(in_features // BLOCK // values.shape[1], dim=1)
 
 
-def fp16_bytes(x: torch.Tensor) -> np.ndarray:
-    return x.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*x.shape, 2)
-
-
-def nibbles(codes: torch.Tensor) -> np.ndarray:
-    """`(out, nb, 32)` codes in [0, 16) → `(out, nb, 16)` bytes: element j low, j+16 high."""
-    low, high = codes[..., :16], codes[..., 16:]
-    return (low | (high << 4)).to(torch.uint8).numpy()
-
-
 def block_codes(layer: QuantLinear, kind: gguf.GGMLQuantizationType) -> dict[str, torch.Tensor]:
     """A layer's integers `q` (out, in) and, per 32-block, its fp16 scales `d` and (Q4_1)
     offsets `m = −d·z`, all as float tensors: what `pack_codes` packs, and what a row
@@ -95,53 +78,6 @@ def block_codes(layer: QuantLinear, kind: gguf.GGMLQuantizationType) -> dict[str
     if kind == gguf.GGMLQuantizationType.Q4_1:
         codes["m"] = (-d * block_scales(z.float(), q.shape[1])).to(torch.float16).float()
     return codes
-
-
-def pack_codes(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, kind: gguf.GGMLQuantizationType
-               ) -> np.ndarray:
-    """Raw GGUF block bytes `(out, in/32·block_bytes)` of integers `q` with block scales
-    `d` (and Q4_1 offsets `m`), as `block_codes` gives them."""
-    out_f, in_f = q.shape
-    nb = in_f // BLOCK
-    qb = q.reshape(out_f, nb, BLOCK).to(torch.int64)
-    d = d.to(torch.float16)
-    if kind == gguf.GGMLQuantizationType.Q4_0:
-        parts = [fp16_bytes(d), nibbles(qb + 8)]
-    elif kind == gguf.GGMLQuantizationType.Q4_1:
-        parts = [fp16_bytes(d), fp16_bytes(m.to(torch.float16)), nibbles(qb)]
-    else:
-        parts = [fp16_bytes(d), qb.to(torch.int8).numpy().view(np.uint8)]
-    return np.concatenate(parts, axis=-1).reshape(out_f, -1)
-
-
-def decode_codes(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
-    """The weight GGUF blocks of `pack_codes` decode to."""
-    out_f, in_f = q.shape
-    qb = q.reshape(out_f, in_f // BLOCK, BLOCK)
-    decoded = d.unsqueeze(-1) * qb + (m.unsqueeze(-1) if m is not None else 0.0)
-    return decoded.reshape(out_f, in_f)
-
-
-def float_tensor(tensor: torch.Tensor, vector: bool) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """Store an unquantized tensor in the smallest GGUF type that holds it exactly.
-
-    Q8_0 is tried first: embeddings that came from a Q8_0 file (the built-in model) are
-    exactly Q8_0 and stay a quarter of their fp32 size; then F16, BF16, else F32.
-    llama.cpp wants 1-D tensors (norms) in F32.
-    """
-    x = tensor.detach().float().contiguous()
-    if vector:
-        return x.numpy(), gguf.GGMLQuantizationType.F32
-    arr = x.numpy()
-    if arr.shape[-1] % BLOCK == 0:
-        packed = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
-        if np.array_equal(gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0), arr):
-            return packed, gguf.GGMLQuantizationType.Q8_0
-    if exact_in(x, torch.float16):
-        return arr.astype(np.float16), gguf.GGMLQuantizationType.F16
-    if exact_in(x, torch.bfloat16):
-        return gguf.quants.quantize(arr, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
-    return arr, gguf.GGMLQuantizationType.F32
 
 
 def pre_tokenizer_name(folder: Path) -> str:

@@ -26,14 +26,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from lrqat.errors import LrqatError
 from lrqat.export.dequantized import save_dequantized
-from lrqat.export.gguf_blocks import (
-    GGUFReport,
-    block_codes,
-    block_type_for,
-    decode_codes,
-    model_name,
-    pre_tokenizer_name,
-)
+from lrqat.export.gguf_blocks import GGUFReport, block_codes, block_type_for, model_name, pre_tokenizer_name
+from lrqat.export.gguf_packing import decode_codes
 from lrqat.export.tensors import quant_layers
 from lrqat.models import cache_root
 from lrqat.spec import QuantSpec

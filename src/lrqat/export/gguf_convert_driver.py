@@ -12,8 +12,8 @@ projections. Two of its steps are wrapped:
   integer matrix and to its per-block scales (and offsets), so a row permutation or a
   split moves integers and scales together, exactly;
 - `gguf_writer.add_tensor`: a quantized weight is written as GGUF blocks packed from
-  those integers (Q4_0/Q4_1/Q8_0, `gguf_blocks.pack_codes`), every other tensor in the
-  smallest type that holds it exactly (`gguf_blocks.float_tensor`).
+  those integers (Q4_0/Q4_1/Q8_0, `gguf_packing.pack_codes`), every other tensor in the
+  smallest type that holds it exactly (`gguf_packing.float_tensor`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ from pathlib import Path
 def main(converter: str, float_dir: str, quantized: str, out: str, block_type: str, pre_tokenizer: str,
          name: str) -> None:
     sys.path[:] = [converter, str(Path(converter) / "gguf-py"), *sys.path[1:]]  # not this script's folder
+    import importlib.util
+
     import gguf
     import torch
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
-    from lrqat.export.gguf_blocks import FILE_TYPES, float_tensor, pack_codes
+    # the packing module alone, by its path: not the lrqat package (see gguf_packing)
+    spec = importlib.util.spec_from_file_location("gguf_packing", Path(__file__).with_name("gguf_packing.py"))
+    packing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packing)
+    FILE_TYPES, float_tensor, pack_codes = packing.FILE_TYPES, packing.float_tensor, packing.pack_codes
 
     kind = gguf.GGMLQuantizationType[block_type]
     layers: dict[str, dict[str, torch.Tensor]] = torch.load(quantized, weights_only=True)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lrqat.export.gguf_packing import exact_in
 from lrqat.layers import QuantLinear
 
 
@@ -33,11 +34,6 @@ def unquantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     stored once: what every format writes as plain tensors beside the packed layers."""
     prefixes = tuple(f"{name}." for name, _ in quant_layers(model))
     return {k: t for k, t in unique_tensors(model.state_dict()).items() if not k.startswith(prefixes)}
-
-
-def exact_in(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether `tensor` survives a round trip through `dtype` bit for bit."""
-    return bool(torch.equal(tensor.to(dtype).to(tensor.dtype), tensor))
 
 
 def compact_float(tensor: torch.Tensor) -> torch.Tensor:
