@@ -126,6 +126,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp-kv", action="store_true",
                         help="only add llama.cpp's KV-cache types on a finished W4 LR-QAT model to the results")
     parser.add_argument("--kv-run", help="that model's run folder (default: the 4-16-16 LR-QAT run under --output)")
+    parser.add_argument("--note", help="a remark recorded with this invocation's command (e.g. what ran beside it)")
     args = parser.parse_args()
     if args.llama_cpp_kv:
         import json
@@ -190,10 +191,10 @@ def main() -> None:
         for m in summary["methods"].values():
             m["G"] = gap_recovered(reference["ppl_float"], reference["ppl_rtn"], m["ppl"])
     flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
-             if k not in ("output", "llama_cpp_kv", "kv_run") and v is not False]
+             if k not in ("output", "llama_cpp_kv", "kv_run", "note") and v is not False and v is not None]
     command = " ".join(["python benchmarks/weight_activation.py", *flags])
     took = "collected from finished runs" if args.collect else f"{round((time.time() - started) / 60, 1)} min"
-    record["commands"] = [*record.get("commands", []), f"{command}  ({took})"]
+    record["commands"] = [*record.get("commands", []), f"{command}  ({took})" + (f": {args.note}" if args.note else "")]
     record.update(machine=machine(), tokens_per_method=args.steps * args.batch_size * args.seq_len)
     write_results("weight_activation", record, render(record))
 
