@@ -132,8 +132,8 @@ def activation_bytes(config: PretrainedConfig, spec: RunSpec, largest_linear: in
 
 def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharded: bool = False) -> FitEstimate:
     """The estimate for `spec` on a model of `config`, from its shapes (nothing is read)."""
-    dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
-    dtype_bytes = 2 if spec.dtype == "bf16" else 4
+    dtype = spec.torch_dtype
+    dtype_bytes = dtype.itemsize
     model = skeleton(config, dtype)
     targets = check_targets(model, spec.quant, spec.targets)
     shapes = Counter((m.out_features, m.in_features, m.bias is not None) for _, m in targets)

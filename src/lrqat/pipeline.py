@@ -202,7 +202,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     if not main:
         log = _quiet
     out = check_output(run, resume)
-    dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+    dtype = spec.torch_dtype
     meter = PhaseMeter()
     streaming = spec.load == "stream"
     if streaming and procs.num_processes > 1:

@@ -34,7 +34,7 @@ def evaluate_run(run: Path, tasks: list[str], limit: int | None, log: Callable[[
         result.tasks[key] = task_accuracy(model, tokenizer, tasks, limit, data.source, data.eval_fraction)
         log(f"{key}: " + ", ".join(f"{t} acc {v.get('acc', float('nan')):.3f}" for t, v in result.tasks[key].items()))
 
-    model, tokenizer = load_model(spec.model, dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
+    model, tokenizer = load_model(spec.model, dtype=spec.torch_dtype)
     score("float", model, tokenizer)
     names = [name for name, _ in check_targets(model, spec.quant, spec.targets)]
     prepare(model, spec.act, spec.rotate, spec.train.seed, names)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from lrqat.activations import ActSpec
 from lrqat.distill import LOSSES, TEACHERS, check_phi0_teacher
 from lrqat.errors import LrqatError
@@ -322,6 +324,11 @@ class RunSpec:
             getattr(self, section).validate()
         if self.train.loss != "ce" and self.train.teacher == "phi0":
             check_phi0_teacher(self.method, self.lrqat.phi)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The compute dtype `dtype` names, as torch spells it."""
+        return torch.bfloat16 if self.dtype == "bf16" else torch.float32
 
     def check_streamable(self) -> None:
         """What `--load stream` does not do yet, refused by name: each of these needs the
