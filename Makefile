@@ -37,8 +37,9 @@ $(VENV)/.llamacpp: $(BIN)/lrqat
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q -e ".[llamacpp]"
 	touch $@
 
+# Files spread over the cores (pytest-xdist; a file's module fixtures stay in one worker).
 test: setup lint $(VENV)/.llamacpp
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

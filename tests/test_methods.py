@@ -3,13 +3,15 @@ import copy
 import pytest
 import torch
 
-from lrqat.gptq import collect_hessians, gptq_quantize
+from conftest import tiny_llama
+from lrqat.blockwise import capture_block_calls
+from lrqat.gptq import GPTQ_INPUTS, block_hessians, gptq_quantize
 from lrqat.layers import LRQATLinear, NaiveLoRALinear, PEQALinear, QATLinear, QuantLinear
 from lrqat.methods import DEFAULT_TARGETS, apply_method, gptq_start
 from lrqat.quantizer import dequantize, quantize
 from lrqat.ranges import lp_search_params
 from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
-from lrqat.surgery import find_targets, init_ranges, merge_model
+from lrqat.surgery import init_ranges, merge_model
 from lrqat.trainer import build_optimizer
 
 SPEC = QuantSpec(bits=4, group_size=16)
@@ -112,14 +114,48 @@ def test_gptq_reconstructs_a_layer_better_than_rtn(spec, act_order):
 
 
 def test_hessians_are_collected_from_the_layer_inputs(tiny_model):
-    targets = find_targets(tiny_model, DEFAULT_TARGETS)[:1]
+    layer = tiny_model.model.layers[0]
+    linears = {"q": layer.self_attn.q_proj, "down": layer.mlp.down_proj}
     calib = torch.randint(0, 128, (3, 8))
+    inputs, calls = capture_block_calls(tiny_model, tiny_model.model.layers, calib)
+    seen = {name: [] for name in linears}
+    handles = [lin.register_forward_hook(lambda m, i, o, n=name: seen[n].append(i[0].reshape(-1, i[0].shape[-1])))
+               for name, lin in linears.items()]
+    with torch.no_grad():
+        tiny_model(input_ids=calib)  # the whole model: what the block sees inside it
+    for handle in handles:
+        handle.remove()
+    hessians = block_hessians(layer, linears, inputs, calls[0])
+    for name in linears:
+        X = torch.cat(seen[name])
+        torch.testing.assert_close(hessians[name], 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inputs", GPTQ_INPUTS)
+def test_gptq_calibrates_each_block_on_the_inputs_it_is_asked_for(inputs):
+    """`quantized`: block 1's Hessians come from the GPTQ-quantized block 0's outputs (as in
+    the GPTQ model itself); `float`: from the float model's. Block 0 sees the same in both."""
+    model = tiny_llama(layers=2)
+    ranges = init_ranges(model, SPEC, DEFAULT_TARGETS, "minmax")
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(5))
+    integers = gptq_start(model, SPEC, DEFAULT_TARGETS, ranges, calib, inputs=inputs)
+    probe = "model.layers.1.self_attn.q_proj"  # reads the block's input through its norm only
+    source = apply_method("gptq", copy.deepcopy(model), SPEC, None, ranges, integers=integers) \
+        if inputs == "quantized" else model
     seen = []
-    handle = targets[0][1].register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
-    H = collect_hessians(tiny_model, targets, calib, batch_size=2)[targets[0][0]]
+    handle = source.get_submodule(probe).register_forward_hook(
+        lambda m, i, o: seen.append(i[0].reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for row in calib:
+            source(input_ids=row[None])
     handle.remove()
     X = torch.cat(seen)
-    torch.testing.assert_close(H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-5)
+    expected = gptq_quantize(model.get_submodule(probe).weight, 2 * X.T @ X / X.shape[0], *ranges[probe], SPEC, act_order=True)
+    assert torch.equal(integers[probe], expected)
+    other = gptq_start(model, SPEC, DEFAULT_TARGETS, ranges, calib,
+                       inputs=next(i for i in GPTQ_INPUTS if i != inputs))
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(integers[first], other[first]) and not torch.equal(integers[probe], other[probe])
 
 
 def find_targets_any(model):

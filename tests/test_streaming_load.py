@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
 from conftest import tiny_llama
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
-from lrqat.methods import DEFAULT_TARGETS, METHODS, LayerStart, apply_method
+from lrqat.methods import DEFAULT_TARGETS, METHODS, LayerStart, apply_method, gptq_start
 from lrqat.ranges import init_params
-from lrqat.spec import LRQATSpec, QuantSpec
-from lrqat.streaming import Checkpoint, stream_model, streamed_perplexities
+from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec
+from lrqat.streaming import Checkpoint, MethodBuilder, stream_model, streamed_gptq, streamed_perplexities
 from lrqat.surgery import find_targets, init_ranges
 
 W4 = QuantSpec(bits=4, symmetric=True, group_size=None)
@@ -86,6 +86,34 @@ def test_streamed_model_equals_the_method_applied_in_memory(tmp_path, name, meth
         assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("method", ["gptq", "lrqat"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
+def test_streamed_gptq_equals_gptq_in_memory_and_measures_its_model(tmp_path, name, method):
+    """GPTQ block by block from disk gives the in-memory GPTQ integers, the method's layers
+    started from them, and the GPTQ model's perplexity from hidden states it carried."""
+    model = family(name)
+    checkpoint = saved(model, tmp_path, shard="60KB")
+    spec, ptq = LRQATSpec(rank=4), PTQSpec(init="gptq")
+    targets = [n for n, _ in find_targets(model, DEFAULT_TARGETS)]
+    calib = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(2))
+    windows = {"eval": torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))}
+    builder = MethodBuilder(method, W4, spec, "lp", seed=3)
+    streamed, ppl = streamed_gptq(checkpoint, model.config, torch.float32, targets, W4, calib,
+                                  lambda _n, linear: init_params(linear.weight.detach(), W4, "lp"), ptq, builder, windows)
+    ranges = init_ranges(model, W4, DEFAULT_TARGETS)
+    integers = gptq_start(model, W4, DEFAULT_TARGETS, ranges, calib)
+    reference = apply_method(method, family(name), W4, spec, ranges, seed=3, integers=integers)
+    gptq_model = apply_method("gptq", family(name), W4, None, ranges, integers=integers)
+    got, want = streamed.state_dict(), reference.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
+    assert ppl["eval"].ppl == pytest.approx(perplexity(gptq_model, windows["eval"]).ppl, rel=1e-6)
+    baseline_only, again = streamed_gptq(checkpoint, model.config, torch.float32, targets, W4, calib,
+                                         lambda _n, linear: init_params(linear.weight.detach(), W4, "lp"), ptq, None,
+                                         windows)
+    assert baseline_only is None and again["eval"].ppl == ppl["eval"].ppl
+
+
 def test_a_checkpoint_that_does_not_match_is_refused(tmp_path):
     with pytest.raises(LrqatError, match="no safetensors weights"):
         Checkpoint(tmp_path)
@@ -107,13 +135,20 @@ def run_spec(model_dir, text_file, out, load, method="lrqat", **extra):
     return RunSpec.from_dict(raw)
 
 
-@pytest.mark.parametrize("method", ["lrqat", "rtn"])
-def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, tiny_model_dir, text_file, method):
+GPTQ_START = {"ptq": {"init": "gptq", "calib_tokens": 96}}
+
+
+@pytest.mark.parametrize(("method", "extra"), [("lrqat", {}), ("rtn", {}), ("lrqat", GPTQ_START),
+                                               ("lrqat", {"ptq": {"gptq_baseline": True, "calib_tokens": 96}}),
+                                               ("gptq", GPTQ_START)], ids=["lrqat", "rtn", "lrqat-from-gptq",
+                                                                            "lrqat-gptq-baseline", "gptq"])
+def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, tiny_model_dir, text_file, method,
+                                                                      extra):
     from lrqat.export.native import load_quantized
     from lrqat.layers import QuantLinear
     from lrqat.pipeline import run_quantize
 
-    results = {load: run_quantize(run_spec(tiny_model_dir, text_file, tmp_path / load, load, method),
+    results = {load: run_quantize(run_spec(tiny_model_dir, text_file, tmp_path / load, load, method, **extra),
                                   log=lambda _: None) for load in ("memory", "stream")}
     memory, stream = results["memory"], results["stream"]
     for key, value in memory.ppl.items():
@@ -121,6 +156,7 @@ def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, t
     for key, value in memory.ppl_ood.items():
         assert stream.ppl_ood[key] == pytest.approx(value, rel=1e-6), key
     assert stream.rtn_tie_differences == memory.rtn_tie_differences
+    assert stream.ppl.keys() == memory.ppl.keys() and ("gptq" in memory.ppl) == ("ptq" in extra)
     assert {"load", "setup", "save"} <= set(stream.phases)
     assert all(v["peak_rss_mb"] > 0 and v["seconds"] >= 0 for v in stream.phases.values())
     models = {load: load_quantized(tmp_path / load / "model") for load in results}
@@ -132,7 +168,7 @@ def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, t
 
 @pytest.mark.parametrize(("extra", "flag"), [({"rotate": "hadamard"}, "--rotate hadamard"),
                                              ({"act": {"bits": 8}}, "--act-bits"),
-                                             ({"ptq": {"init": "gptq"}}, "--init gptq"),
+                                             ({"ptq": {"init": "block-ap"}}, "--init block-ap"),
                                              ({"method": "block-ap"}, "--method block-ap"),
                                              ({"train": {"loss": "kd", "teacher": "float"}}, "--teacher float")])
 def test_what_streaming_cannot_do_yet_is_refused_by_name(tmp_path, extra, flag):

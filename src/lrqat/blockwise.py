@@ -28,7 +28,7 @@ def decoder_layers(model: nn.Module, target_names: list[str]) -> tuple[str, nn.M
         if isinstance(module, nn.ModuleList) and len(module) and any(t.startswith(f"{name}.") for t in target_names):
             return name, module
     raise LrqatError("this model has no module list of decoder blocks holding the target linears, which block-wise "
-                     "work (Block-AP, --load stream) needs; use --init lp or gptq, and --load memory.")
+                     "work (GPTQ, Block-AP, --load stream) needs; use --init lp or minmax, and --load memory.")
 
 
 @contextlib.contextmanager

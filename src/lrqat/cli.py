@@ -12,6 +12,7 @@ import yaml
 
 from lrqat.distill import LOSSES, TEACHERS
 from lrqat.errors import LrqatError
+from lrqat.gptq import GPTQ_INPUTS
 from lrqat.methods import METHODS
 from lrqat.phi import PHI_FORMATS
 from lrqat.rotation import ROTATIONS
@@ -32,6 +33,7 @@ _FLAG_FIELDS = {
     "kv_bits": ("act", "kv_bits"),
     "calib_tokens": ("ptq", "calib_tokens"),
     "damp": ("ptq", "damp"),
+    "gptq_inputs": ("ptq", "gptq_inputs"),
     "data": ("data", "source"),
     "eval_data": ("data", "eval_source"),
     "eval_context": ("data", "eval_context"),
@@ -183,6 +185,8 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: quantize columns in order, not by Hessian")
     q.add_argument("--damp", type=float, help="GPTQ: damping as a fraction of the mean Hessian diagonal (0.01)")
     q.add_argument("--calib-tokens", type=int, help="GPTQ: calibration tokens from the train split (16384)")
+    q.add_argument("--gptq-inputs", choices=GPTQ_INPUTS,
+                   help="GPTQ: Hessians on the quantized blocks' outputs (quantized, default) or on float hidden states")
 
 
 def load_recipe(path: Path | None) -> dict[str, Any]:

@@ -130,6 +130,25 @@ def activation_bytes(config: PretrainedConfig, spec: RunSpec, largest_linear: in
     return kept + block + logits + transients
 
 
+def uses_gptq(spec: RunSpec) -> bool:
+    """Whether the run calibrates GPTQ (its start, or a baseline)."""
+    return "gptq" in (METHODS[spec.method].start, spec.ptq.init) or spec.ptq.gptq_baseline
+
+
+def streamed_gptq_bytes(config: PretrainedConfig, spec: RunSpec, targets: list[nn.Linear], dtype_bytes: int) -> int:
+    """What streamed GPTQ holds beside the model being built: one float block, its
+    targets' Hessians, GPTQ's transients on the largest layer, and the hidden states of
+    the calibration sequences and evaluation windows that go through the blocks."""
+    text = config.get_text_config()
+    per_block = targets[: max(1, len(targets) // text.num_hidden_layers)]
+    block = sum(m.out_features * m.in_features for m in per_block) * dtype_bytes
+    hessians = sum(m.in_features ** 2 for m in per_block) * 4
+    widest = max(m.in_features for m in targets)
+    transients = 3 * max(m.out_features * m.in_features for m in targets) * 4 + 3 * widest ** 2 * 4
+    states = (3 * spec.ptq.calib_tokens + 4 * spec.data.eval_tokens) * text.hidden_size * 4
+    return block + hessians + transients + states
+
+
 def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharded: bool = False) -> FitEstimate:
     """The estimate for `spec` on a model of `config`, from its shapes (nothing is read)."""
     dtype = spec.torch_dtype
@@ -155,6 +174,8 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
     activations = activation_bytes(config, spec, largest, dtype_bytes) if METHODS[spec.method].trained else 0
     if spec.load == "stream":
         setup = RUNTIME_BYTES + base + other + state + 3 * largest * 4
+        if uses_gptq(spec):
+            setup += streamed_gptq_bytes(config, spec, [m for _, m in targets], dtype_bytes)
     else:  # the float model, a copy for RTN, and the method's layers while the float ones still exist
         setup = RUNTIME_BYTES + 2 * float_bytes + base + state
     return FitEstimate(base, other, state, teacher, activations, setup, spec.load)

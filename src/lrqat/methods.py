@@ -141,10 +141,10 @@ def apply_method(
 
 
 def gptq_start(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib_blocks: torch.Tensor,
-               damp: float = 0.01, act_order: bool = True) -> dict[str, torch.Tensor]:
+               damp: float = 0.01, act_order: bool = True, inputs: str = "quantized") -> dict[str, torch.Tensor]:
     """GPTQ integers for every target of the float `model`."""
     found = check_targets(model, quant, targets)
-    return gptq_integers(model, found, ranges, quant, calib_blocks, damp=damp, act_order=act_order)
+    return gptq_integers(model, found, ranges, quant, calib_blocks, damp=damp, act_order=act_order, inputs=inputs)
 
 
 Start = tuple[RangeParams, dict[str, torch.Tensor]]
@@ -153,7 +153,8 @@ Start = tuple[RangeParams, dict[str, torch.Tensor]]
 
 def _gptq(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib: torch.Tensor,
           ptq: PTQSpec, log: Callable[[str], None]) -> Start:
-    return ranges, gptq_start(model, quant, targets, ranges, calib, damp=ptq.damp, act_order=ptq.act_order)
+    return ranges, gptq_start(model, quant, targets, ranges, calib, damp=ptq.damp, act_order=ptq.act_order,
+                              inputs=ptq.gptq_inputs)
 
 
 def _block_ap(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib: torch.Tensor,

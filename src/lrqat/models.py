@@ -156,6 +156,9 @@ def convert_builtin(name: str) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     plain.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    if (target / "config.json").is_file():  # another process (a parallel test worker) finished first
+        shutil.rmtree(staging)
+        return target
     if target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)

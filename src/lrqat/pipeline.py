@@ -32,6 +32,7 @@ from lrqat.memory import PhaseMeter, peak_memory_mb
 from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
 from lrqat.models import load_config, load_model, load_tokenizer, resolve_model
 from lrqat.online import check_model, planned_rotation, prepare
+from lrqat.ranges import init_params
 from lrqat.report import write_results
 from lrqat.rundir import RunDir, RunResult
 from lrqat.runtime import process_state
@@ -44,6 +45,7 @@ from lrqat.streaming import (
     rtn_builder,
     skeleton,
     stream_model,
+    streamed_gptq,
     streamed_perplexities,
 )
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
@@ -184,6 +186,42 @@ def streamed_baselines(checkpoint: Checkpoint, config: PretrainedConfig, dtype: 
     log(f"block-by-block evaluation took {time.perf_counter() - started:.0f} s")
 
 
+def _streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, spec: RunSpec, method: Method,
+                    targets: list[str], data: Any, windows: dict[str, torch.Tensor | None],
+                    measure: Callable[..., float], baselines: dict[str, float], stages: Stages,
+                    log: Callable[[str], None]) -> tuple[torch.nn.Module, int]:
+    """From the checkpoint, one layer at a time: range init and the method's layers,
+    after GPTQ block by block when the method starts from it (`--init gptq`, `--method
+    gptq`) or it is asked for as a baseline (its perplexities measured in the same pass
+    and kept as stages). Returns the model and the count of LR-QAT's step-0 integers
+    that differ from RTN's."""
+    quant, ptq, dtype = spec.quant, spec.ptq, spec.torch_dtype
+    builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed)
+    from_gptq = "gptq" in (method.start, ptq.init)
+    windows = {prefix: ids for prefix, ids in windows.items() if ids is not None}
+    measured = all(f"{prefix}ppl_gptq" in stages.values for prefix in windows)
+    model = None
+    if from_gptq or (ptq.gptq_baseline and not measured):
+        calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
+        log(f"range init ({ptq.range_init}) and GPTQ on {calib.numel()} calibration tokens, one block at a time"
+            + (f", then {method.name} layers" if from_gptq else ""))
+
+        def ranges(_name: str, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return init_params(linear.weight.detach(), quant, ptq.range_init)
+
+        model, found = streamed_gptq(checkpoint, config, dtype, targets, quant, calib, ranges, ptq,
+                                     builder if from_gptq else None, windows)
+        for prefix, ppl in found.items():
+            stages.get(f"{prefix}ppl_gptq", lambda p=ppl: p.ppl)
+    if method.name != "gptq" and (from_gptq or ptq.gptq_baseline):
+        baselines["gptq"] = measure("gptq", METHODS["gptq"].label, None)  # measured in the pass above
+    if model is None:
+        log(f"range init ({ptq.range_init}) for {quant.describe()} and {method.name} layers, layer by layer")
+        model = stream_model(checkpoint, config, dtype, targets, builder)
+    ties = stages.get("rtn_tie_differences", lambda: builder.ties)
+    return model, ties
+
+
 def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None] = print) -> RunResult:
     """Run one method (LR-QAT by default) end to end, then its exports; return the
     results, also written to the output folder."""
@@ -312,10 +350,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     baselines: dict[str, float] = {}
     if streaming:
         ppl_rtn = measure("rtn", "RTN", model)  # measured block by block above
-        log(f"range init ({ptq.range_init}) for {quant.describe()} and {method.name} layers, layer by layer")
-        builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed)
-        model = stream_model(checkpoint, config, dtype, [name for name, _ in found], builder)
-        ties = stages.get("rtn_tie_differences", lambda: builder.ties)
+        model, ties = _streamed_start(checkpoint, config, spec, method, [name for name, _ in found], data,
+                                      {"": data.eval, "ood_": held_out}, measure, baselines, stages, log)
     else:
         model, ppl_rtn, ties = _memory_start(model, spec, method, measure, baselines, stages, data, log,
                                              score_tasks)

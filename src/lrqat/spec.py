@@ -26,6 +26,7 @@ import torch
 from lrqat.activations import ActSpec
 from lrqat.distill import LOSSES, TEACHERS, check_phi0_teacher
 from lrqat.errors import LrqatError
+from lrqat.gptq import GPTQ_INPUTS
 from lrqat.methods import DEFAULT_TARGETS, METHODS, STARTS, Method
 from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
@@ -91,6 +92,9 @@ class PTQSpec:
     act_order: bool = True
     damp: float = 0.01
     calib_tokens: int = 16384
+    # GPTQ's Hessians on the quantized blocks' outputs (block-sequential, as GPTQ's own
+    # code) or on the float model's hidden states (`gptq.GPTQ_INPUTS`)
+    gptq_inputs: str = "quantized"
     # also evaluate GPTQ as a baseline (for G_GPTQ), whatever the method's start
     gptq_baseline: bool = False
     # Block-AP (`--init block-ap`, `--method block-ap`): passes over the calibration
@@ -104,6 +108,8 @@ class PTQSpec:
             raise LrqatError(f"unknown range init {self.init!r}: choose one of {', '.join(PTQ_INITS)}.")
         if not _finite(self.damp) or not 0 <= self.damp < 1:
             raise LrqatError(f"GPTQ damping {self.damp!r} is a fraction of the mean Hessian diagonal: choose [0, 1).")
+        if self.gptq_inputs not in GPTQ_INPUTS:
+            raise LrqatError(f"unknown --gptq-inputs {self.gptq_inputs!r}: choose one of {', '.join(GPTQ_INPUTS)}.")
         if not isinstance(self.calib_tokens, int) or self.calib_tokens <= 0:
             raise LrqatError(f"calib-tokens={self.calib_tokens!r} must be a positive integer.")
         if not isinstance(self.blockap_epochs, int) or self.blockap_epochs <= 0:
@@ -336,9 +342,9 @@ class RunSpec:
         needs_float = {
             "--rotate hadamard": self.rotate != "none",
             "--act-bits/--kv-bits": self.act.active,
-            f"--init {self.ptq.init}": self.ptq.init in STARTS,
-            f"--method {self.method}": METHODS[self.method].start is not None,
-            "--gptq-baseline": bool(self.ptq.gptq_baseline),
+            # GPTQ streams (`streamed_gptq`); Block-AP does not yet
+            f"--init {self.ptq.init}": self.ptq.init in STARTS and self.ptq.init != "gptq",
+            f"--method {self.method}": METHODS[self.method].start not in (None, "gptq"),
             "--tasks": bool(self.data.tasks),
             f"--teacher {self.train.teacher}": self.train.loss != "ce" and self.train.teacher != "phi0",
         }

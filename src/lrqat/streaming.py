@@ -13,6 +13,8 @@ The float and RTN perplexities of such a model are computed block by block
 (`streamed_perplexities`): the hidden states of every evaluation window go through one
 decoder block at a time, read from the checkpoint, with the RTN copy of that block beside
 it; the model's own forward supplies the blocks' inputs and its tail (`blockwise`).
+GPTQ calibrates the same way (`streamed_gptq`): each block read, calibrated on the
+quantized blocks' outputs, turned into the method's layers and its float weights dropped.
 """
 
 from __future__ import annotations
@@ -33,13 +35,14 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from lrqat.blockwise import call_block, capture_block_calls, decoder_layers, tail_logits
 from lrqat.errors import LrqatError
 from lrqat.evaluate import NLL, Perplexity
+from lrqat.gptq import BlockResult, Ranges, gptq_blockwise
 from lrqat.layers import LRQATLinear, QuantLinear
 from lrqat.methods import METHODS, LayerStart
 from lrqat.ranges import init_params
 from lrqat.surgery import freeze, replace_module
 
 if TYPE_CHECKING:
-    from lrqat.spec import LRQATSpec, QuantSpec
+    from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec
 
 LOADS = ("memory", "stream")
 """`--load`: the whole float model by `from_pretrained`, or this module's streaming load."""
@@ -160,6 +163,34 @@ def stream_model(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.
     return model
 
 
+def _without_blocks(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str]
+                    ) -> tuple[PreTrainedModel, str, nn.ModuleList]:
+    """The skeleton with every tensor outside the decoder blocks read (embeddings, final
+    norm, head), its blocks still on the meta device."""
+    model = skeleton(config, dtype)
+    prefix, layers = decoder_layers(model, targets)
+    aliases = _aliases(model, checkpoint)
+    materialize(model, [n for n in _float_names(model, (f"{prefix}.",)) if n not in aliases], checkpoint, dtype)
+    _tie(model, aliases)
+    return model, prefix, layers
+
+
+def _block_names(model: nn.Module, local: str) -> list[str]:
+    return [n for n in model.state_dict() if n.startswith(local)]
+
+
+def _perplexities(model: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tensor],
+                  final: dict[str, list[torch.Tensor]]) -> dict[str, Perplexity]:
+    """Perplexity on each set of windows from the hidden states its last block output."""
+    result = {}
+    for set_name, ids in windows.items():
+        total = NLL()
+        for row, hidden in zip(ids, final[set_name], strict=True):
+            total.add(tail_logits(model, layers, row[None], hidden), row[None])
+        result[set_name] = total.perplexity(int(ids.shape[1]))
+    return result
+
+
 @torch.no_grad()
 def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
                           windows: dict[str, torch.Tensor], variants: dict[str, LayerBuilder | None]
@@ -167,11 +198,7 @@ def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtyp
     """Perplexity of each variant of the model on each set of windows, one decoder block
     in memory at a time (`result[variant][windows_name]`). A variant is the float model
     (`None`) or the float model with its targets replaced by `build(name, linear)` (RTN)."""
-    model = skeleton(config, dtype)
-    prefix, layers = decoder_layers(model, targets)
-    aliases = _aliases(model, checkpoint)
-    materialize(model, [n for n in _float_names(model, (f"{prefix}.",)) if n not in aliases], checkpoint, dtype)
-    _tie(model, aliases)
+    model, prefix, layers = _without_blocks(checkpoint, config, dtype, targets)
     calls, hidden = {}, {}
     for set_name, ids in windows.items():
         first, calls[set_name] = capture_block_calls(model, layers, ids)
@@ -179,7 +206,7 @@ def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtyp
             hidden[variant, set_name] = [h.clone() for h in first]
     for index, layer in enumerate(layers):
         local = f"{prefix}.{index}."
-        materialize(model, [n for n in model.state_dict() if n.startswith(local)], checkpoint, dtype)
+        materialize(model, _block_names(model, local), checkpoint, dtype)
         for variant, build in variants.items():
             block = layer if build is None else _replaced(layer, local, targets, build)
             for set_name in windows:
@@ -188,14 +215,35 @@ def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtyp
                                              for h, kw in zip(states, calls[set_name][index], strict=True)]
             del block
         layer.to("meta")  # free the float block before reading the next
-    result: dict[str, dict[str, Perplexity]] = {variant: {} for variant in variants}
-    for (variant, set_name), states in hidden.items():
-        ids = windows[set_name]
-        total = NLL()
-        for row, final in zip(ids, states, strict=True):
-            total.add(tail_logits(model, layers, row[None], final), row[None])
-        result[variant][set_name] = total.perplexity(int(ids.shape[1]))
-    return result
+    return {variant: _perplexities(model, layers, windows, {w: hidden[variant, w] for w in windows})
+            for variant in variants}
+
+
+@torch.no_grad()
+def streamed_gptq(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
+                  quant: QuantSpec, calib: torch.Tensor, ranges: Ranges, ptq: PTQSpec, build: MethodBuilder | None,
+                  windows: dict[str, torch.Tensor]) -> tuple[PreTrainedModel | None, dict[str, Perplexity]]:
+    """GPTQ block by block from the checkpoint (`gptq_blockwise`), one float block in
+    memory at a time, and the GPTQ model's perplexity on each set of `windows`.
+
+    With `build`, every target becomes the method's layer started from its GPTQ
+    integers (`--init gptq`, `--method gptq`) as soon as its block is calibrated, and the
+    model is returned; without, the blocks are dropped again (GPTQ as a baseline only)."""
+    model, _prefix, layers = _without_blocks(checkpoint, config, dtype, targets)
+
+    def load_block(local: str) -> None:
+        materialize(model, _block_names(model, local), checkpoint, dtype)
+
+    def done(index: int, results: BlockResult) -> None:
+        if build is None:
+            layers[index].to("meta")
+            return
+        for name, start in results.items():
+            replace_module(model, name, build(name, model.get_submodule(name), start))
+
+    final = gptq_blockwise(model, targets, quant, calib, ranges, done, damp=ptq.damp, act_order=ptq.act_order,
+                           inputs=ptq.gptq_inputs, load_block=load_block, windows=windows)
+    return (model if build is not None else None), _perplexities(model, layers, windows, final)
 
 
 def _replaced(layer: nn.Module, local: str, targets: list[str], build: LayerBuilder) -> nn.Module:
@@ -225,9 +273,13 @@ class MethodBuilder:
         self.generator = torch.Generator().manual_seed(seed)
         self.ties = 0
 
-    def __call__(self, _name: str, linear: nn.Linear) -> nn.Module:
-        s0, z0 = init_params(linear.weight.detach(), self.quant, self.init)
-        layer = self.method.build(LayerStart(linear, self.quant, self.adapter, s0, z0, None, self.generator, self.init))
+    def __call__(self, _name: str, linear: nn.Linear,
+                 start: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> nn.Module:
+        """`start`: a calibrated start's (scales, zero points, integers) for this target."""
+        s0, z0, integers = start if start is not None else (*init_params(linear.weight.detach(), self.quant,
+                                                                         self.init), None)
+        layer = self.method.build(LayerStart(linear, self.quant, self.adapter, s0, z0, integers, self.generator,
+                                             self.init))
         if isinstance(layer, LRQATLinear):
             rtn = QuantLinear.from_linear(linear, self.quant, s0, z0)
             self.ties += int((layer.int_weight() != rtn.int_weight()).sum())
