@@ -145,3 +145,50 @@ def test_fsdp_with_bf16_and_packed_phi_trains_what_one_process_trains(tmp_path, 
     assert losses(one) == pytest.approx(losses(two), rel=1e-3)
     for (name, a), (_, b) in zip(quant_layers(load_quantized(one / "model")), quant_layers(load_quantized(two / "model"))):
         assert (a.int_weight() == b.int_weight()).float().mean() > 0.999, name
+
+
+def wide_model_dir(folder: Path) -> Path:
+    """A random Llama whose blocks hold ~100M parameters (400 MB in fp32) next to a
+    512-token vocabulary: memory here is the blocks', not the runtime's or embeddings'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lrqat.data import brown_documents
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([d.text for d in brown_documents()[:40]],
+                            trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1024, intermediate_size=4096, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_streamed_fsdp_holds_half_the_model_per_process_and_trains_what_one_process_trains(tmp_path, text_file):
+    """`--load stream` under FSDP: each process reads the checkpoint and shards every block
+    as soon as it is built, so its setup grows by half of what one process's does; after
+    training only the main process gathers the model. Full QAT, whose trained float
+    weights make the model's memory easy to see."""
+    model_dir = wide_model_dir(tmp_path / "wide")
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--load", "stream", "--method", "qat", "--init", "minmax"]
+    run_cli([sys.executable, "-m", "lrqat.cli", *quantize_args(model_dir, text_file, one, 4, steps=2), *extra])
+    run_cli([*quantize_args(model_dir, text_file, two, 2, steps=2), *extra], accelerate_launcher("fsdp.yaml", 29522))
+    results = {run: json.loads((run / "results.json").read_text()) for run in (one, two)}
+    assert (results[two]["processes"], results[two]["sharding"]) == (2, "fsdp")
+    assert losses(one) == pytest.approx(losses(two), rel=1e-4)
+    for (name, a), (_, b) in zip(quant_layers(load_quantized(one / "model")), quant_layers(load_quantized(two / "model"))):
+        assert (a.int_weight() == b.int_weight()).float().mean() > 0.999, name
+    # setup's growth over the loaded skeleton (runtime, tokenizer): the model's share
+    grown = {run: r["phases"]["setup"]["peak_rss_mb"] - r["phases"]["load"]["peak_rss_mb"]
+             for run, r in results.items()}
+    print(f"setup growth over the skeleton: one process {grown[one]:.0f} MiB, each of two {grown[two]:.0f} MiB")
+    assert grown[one] > 300, grown  # the blocks' 400 MB, read one layer at a time
+    block = 16e6 * 4 / 2**20  # one block (64 MiB) is whole while it is built, before it is sharded
+    assert grown[two] < grown[one] / 2 + 1.5 * block, grown

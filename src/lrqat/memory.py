@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import ctypes.util
 import gc
 import resource
 import time
@@ -91,6 +92,25 @@ def process_memory_mb(field: str) -> float | None:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return None
+
+
+MMAP_THRESHOLD = 1 << 20
+"""Allocations from this size on are mapped on their own and unmapped when freed."""
+
+
+def return_freed_memory() -> bool:
+    """Make freed tensors go back to the operating system at once (glibc: a fixed mmap
+    threshold of 1 MiB; elsewhere nothing is changed). glibc's default threshold grows to
+    the size of each large block freed, after which blocks of that size come from the
+    heap, whose freed pages stay with the process: a streamed load that reads, converts
+    and drops one layer after another would then keep the pages of the dropped float
+    layers, and FSDP's per-block sharding would free nothing the machine sees. Returns
+    whether the setting took."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def peak_memory_mb() -> float:

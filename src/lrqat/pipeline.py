@@ -28,7 +28,7 @@ from lrqat.export.formats import check_exportable, export_many
 from lrqat.export.gguf_convert import check_gguf_architecture
 from lrqat.export.native import save_quantized
 from lrqat.fit import check_fits
-from lrqat.memory import PhaseMeter, peak_memory_mb
+from lrqat.memory import PhaseMeter, peak_memory_mb, return_freed_memory
 from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
 from lrqat.models import load_config, load_model, load_tokenizer, resolve_model
 from lrqat.online import check_model, planned_rotation, prepare
@@ -36,9 +36,10 @@ from lrqat.ranges import init_params
 from lrqat.report import write_results
 from lrqat.rundir import RunDir, RunResult
 from lrqat.runtime import process_state
-from lrqat.shard import fsdp_requested
+from lrqat.shard import BlockSharding, fsdp_requested
 from lrqat.spec import ResolvedRun, RunSpec
 from lrqat.streaming import (
+    BlockDone,
     Checkpoint,
     LayerBuilder,
     MethodBuilder,
@@ -189,12 +190,13 @@ def streamed_baselines(checkpoint: Checkpoint, config: PretrainedConfig, dtype: 
 def _streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, spec: RunSpec, method: Method,
                     targets: list[str], data: Any, windows: dict[str, torch.Tensor | None],
                     measure: Callable[..., float], baselines: dict[str, float], stages: Stages,
-                    log: Callable[[str], None]) -> tuple[torch.nn.Module, int]:
+                    log: Callable[[str], None], on_block: BlockDone | None = None) -> tuple[torch.nn.Module, int]:
     """From the checkpoint, one layer at a time: range init and the method's layers,
     after GPTQ block by block when the method starts from it (`--init gptq`, `--method
     gptq`) or it is asked for as a baseline (its perplexities measured in the same pass
-    and kept as stages). Returns the model and the count of LR-QAT's step-0 integers
-    that differ from RTN's."""
+    and kept as stages). Each decoder block goes to `on_block` when built (FSDP shards
+    it there). Returns the model and the count of LR-QAT's step-0 integers that differ
+    from RTN's."""
     quant, ptq, dtype = spec.quant, spec.ptq, spec.torch_dtype
     builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed)
     from_gptq = "gptq" in (method.start, ptq.init)
@@ -210,14 +212,14 @@ def _streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, spec: RunS
             return init_params(linear.weight.detach(), quant, ptq.range_init)
 
         model, found = streamed_gptq(checkpoint, config, dtype, targets, quant, calib, ranges, ptq,
-                                     builder if from_gptq else None, windows)
+                                     builder if from_gptq else None, windows, on_block)
         for prefix, ppl in found.items():
             stages.get(f"{prefix}ppl_gptq", lambda p=ppl: p.ppl)
     if method.name != "gptq" and (from_gptq or ptq.gptq_baseline):
         baselines["gptq"] = measure("gptq", METHODS["gptq"].label, None)  # measured in the pass above
     if model is None:
         log(f"range init ({ptq.range_init}) for {quant.describe()} and {method.name} layers, layer by layer")
-        model = stream_model(checkpoint, config, dtype, targets, builder)
+        model = stream_model(checkpoint, config, dtype, targets, builder, on_block)
     ties = stages.get("rtn_tie_differences", lambda: builder.ties)
     return model, ties
 
@@ -228,6 +230,7 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     # Under `accelerate launch`/torchrun every process runs this function: all of them
     # compute (evaluations are repeated, cheap next to training), only the main one
     # writes, and the main one fills the caches first.
+    return_freed_memory()  # so that what a streamed load drops leaves the process
     procs = process_state()
     run = spec.resolve(procs.num_processes)
     spec, method = run.spec, run.method
@@ -243,8 +246,6 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     dtype = spec.torch_dtype
     meter = PhaseMeter()
     streaming = spec.load == "stream"
-    if streaming and procs.num_processes > 1:
-        raise LrqatError("--load stream runs in one process for now: use --load memory under accelerate launch.")
     with procs.main_process_first():
         config = load_config(spec.model)
         check_context(config, spec)
@@ -348,10 +349,13 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         ppl_online["float_act"] = measure("float_act", f"float {spec.act.describe()}", model)
     quant, ptq = spec.quant, spec.ptq
     baselines: dict[str, float] = {}
+    sharding: BlockSharding | None = None
     if streaming:
         ppl_rtn = measure("rtn", "RTN", model)  # measured block by block above
+        if fsdp_requested():  # every process reads the checkpoint and keeps only its shards of each block
+            sharding = BlockSharding(procs.device)
         model, ties = _streamed_start(checkpoint, config, spec, method, [name for name, _ in found], data,
-                                      {"": data.eval, "ood_": held_out}, measure, baselines, stages, log)
+                                      {"": data.eval, "ood_": held_out}, measure, baselines, stages, log, sharding)
     else:
         model, ppl_rtn, ties = _memory_start(model, spec, method, measure, baselines, stages, data, log,
                                              score_tasks)
@@ -368,9 +372,12 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
             log(f"phi0 teacher vs float perplexity: {ppl_teacher:.3f} vs {ppl_float:.3f}")
             teacher_ppl["teacher_phi0"] = ppl_teacher
         result = train(model, data.train, data.eval, spec.train, out.root, run.fingerprint, resume=resume, log=log,
-                       objective=objective)
+                       objective=objective, sharding=sharding)
         del teacher, objective
         model = result.model
+        if model is None:  # FSDP: the trained model is gathered in the main process only, which finishes the run
+            procs.wait_for_everyone()
+            return RunResult.from_dict(json.loads(out.results.read_text()))
         ppl_trained = measure(method.name, f"{method.name} (training-time)", model, staged=False)
         meter.end("train")
         if method.quantized:

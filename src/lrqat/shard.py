@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from lrqat.errors import LrqatError
@@ -40,7 +40,8 @@ def fsdp_requested() -> bool:
 
 def block_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
     names = set(getattr(model, "_no_split_modules", None) or [])
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    # a block sharded already is an instance of FSDP's subclass of its class
+    classes = {type(m) for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)}
     if not classes:
         raise LrqatError(
             f"FSDP: cannot find the decoder blocks of {type(model).__name__} (its `_no_split_modules` "
@@ -50,12 +51,47 @@ def block_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
 
 
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Shard `model` in place over all processes, one unit per decoder block."""
+    """Shard `model` in place over all processes, one unit per decoder block (blocks a
+    streamed build sharded already are left as they are), then the root."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for module in [m for m in model.modules() if isinstance(m, block_classes(model))]:
-        fully_shard(module, mesh=mesh)
+        if not isinstance(module, FSDPModule):
+            fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+class BlockSharding:
+    """FSDP applied while a model is streamed in (`--load stream` under an FSDP launch):
+    each decoder block is sharded as soon as its layers are built, so no process holds
+    more than one block whole; the root (embeddings, final norm, head) is sharded when
+    training starts (`distribute`). Every process reads the checkpoint itself and keeps
+    only its shards. A meta twin of each block, taken before it is sharded, makes the
+    skeleton the trained model is gathered into (`skeleton`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.twins: dict[int, nn.Module] = {}
+        self.layers: nn.ModuleList | None = None
+
+    def __call__(self, index: int, layers: nn.ModuleList) -> None:
+        """Block `index` of `layers` is complete: keep its twin, shard it."""
+        self.layers = layers
+        self.twins[index] = meta_skeleton(layers[index])
+        fully_shard(layers[index], mesh=self.mesh)
+
+    def skeleton(self, model: nn.Module) -> nn.Module:
+        """A meta-device copy of `model` with each sharded block's twin in its place."""
+        if self.layers is None:
+            return meta_skeleton(model)
+        blocks = list(self.layers)
+        for index, twin in self.twins.items():
+            self.layers[index] = twin
+        try:
+            return meta_skeleton(model)
+        finally:
+            for index, block in enumerate(blocks):
+                self.layers[index] = block
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,12 +120,14 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def gather_model(sharded: nn.Module, skeleton: nn.Module) -> nn.Module:
-    """The trained model whole in every process: `skeleton` (from `meta_skeleton` before
-    sharding) filled with the all-gathered tensors of `sharded`, so merging, evaluation
-    and saving work on plain tensors. Costs one full copy per process, as before
-    sharding."""
-    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True))
+def gather_model(sharded: nn.Module, skeleton: nn.Module) -> nn.Module | None:
+    """The trained model whole in the main process only: `skeleton` (from `meta_skeleton`
+    before sharding) filled with the gathered tensors of `sharded`, so merging,
+    evaluation and saving work on plain tensors; None in the other processes, which
+    never hold a full copy (a collective: every process must call it)."""
+    state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
     skeleton.load_state_dict(state, assign=True)
     if hasattr(skeleton, "tie_weights"):
         skeleton.tie_weights()
@@ -100,17 +138,19 @@ def gather_model(sharded: nn.Module, skeleton: nn.Module) -> nn.Module:
 
 
 def distribute(
-    model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer], accelerator: Accelerator
+    model: nn.Module, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer], accelerator: Accelerator,
+    sharding: BlockSharding | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module | None]:
     """The one fork between sharded and replicated training.
 
     FSDP (requested by the launch config): keep a meta-device skeleton of `model` to
-    gather into after training, shard it, then build the optimizer over the shards.
+    gather into after training, shard it (its blocks may be sharded already by a
+    streamed build: `sharding`), then build the optimizer over the shards.
     Otherwise: build the optimizer, and let Accelerate wrap both (DDP in a run of
     several processes, nothing in one). Returns `(model, optimizer, skeleton or None)`.
     """
     if fsdp_requested():
-        skeleton = meta_skeleton(model)
+        skeleton = sharding.skeleton(model) if sharding is not None else meta_skeleton(model)
         model = shard_model(model, accelerator.device)
         return model, build_optimizer(model), skeleton
     model, optimizer = accelerator.prepare(model, build_optimizer(model))

@@ -141,20 +141,43 @@ def load_linear(checkpoint: Checkpoint, name: str, template: nn.Linear, dtype: t
     return linear.requires_grad_(False)
 
 
+BlockDone = Callable[[int, nn.ModuleList], None]
+"""Called with a block's index and the block list once the block is complete (every
+tensor read, its targets built): `shard.BlockSharding` shards it there."""
+
+
 def stream_model(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
-                 build: LayerBuilder) -> PreTrainedModel:
+                 build: LayerBuilder, on_block: BlockDone | None = None) -> PreTrainedModel:
     """The model with every target replaced by `build(name, float_linear)`, read tensor by
     tensor: targets in the model's module order (the order `apply_method` builds them in,
-    so seeded adapters come out identical), one float linear in memory at a time."""
+    so seeded adapters come out identical), one float linear in memory at a time. With
+    `on_block`, decoder block by decoder block, each handed over when complete."""
     model = skeleton(config, dtype)
-    target_set = set(targets)
-    for name in targets:
+    aliases = _aliases(model, checkpoint)
+    done = tuple(f"{t}." for t in targets)
+
+    def build_target(name: str) -> None:
         linear = load_linear(checkpoint, name, model.get_submodule(name), dtype)
         replace_module(model, name, build(name, linear))
-        del linear
-    aliases = _aliases(model, checkpoint)
-    rest = [n for n in _float_names(model, tuple(f"{t}." for t in target_set)) if n not in aliases]
-    materialize(model, rest, checkpoint, dtype)
+
+    if on_block is None:
+        for name in targets:
+            build_target(name)
+    else:
+        prefix, layers = decoder_layers(model, targets)
+        outside = [t for t in targets if not t.startswith(f"{prefix}.")]
+        if outside:
+            raise LrqatError(f"targets {outside[:3]} lie outside the decoder blocks, which a block-by-block "
+                             "(sharded) streaming load cannot take: narrow --targets to the blocks.")
+        for index, layer in enumerate(layers):
+            local = f"{prefix}.{index}."
+            for name in [t for t in targets if t.startswith(local)]:
+                build_target(name)
+            materialize(model, [n for n in (f"{local}{k}" for k in layer.state_dict())
+                                if not n.startswith(done) and n not in aliases], checkpoint, dtype)
+            on_block(index, layers)
+        done += (f"{prefix}.",)
+    materialize(model, [n for n in _float_names(model, done) if n not in aliases], checkpoint, dtype)
     _tie(model, aliases)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
@@ -222,13 +245,15 @@ def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtyp
 @torch.no_grad()
 def streamed_gptq(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
                   quant: QuantSpec, calib: torch.Tensor, ranges: Ranges, ptq: PTQSpec, build: MethodBuilder | None,
-                  windows: dict[str, torch.Tensor]) -> tuple[PreTrainedModel | None, dict[str, Perplexity]]:
+                  windows: dict[str, torch.Tensor], on_block: BlockDone | None = None
+                  ) -> tuple[PreTrainedModel | None, dict[str, Perplexity]]:
     """GPTQ block by block from the checkpoint (`gptq_blockwise`), one float block in
     memory at a time, and the GPTQ model's perplexity on each set of `windows`.
 
     With `build`, every target becomes the method's layer started from its GPTQ
     integers (`--init gptq`, `--method gptq`) as soon as its block is calibrated, and the
-    model is returned; without, the blocks are dropped again (GPTQ as a baseline only)."""
+    model is returned (each block handed to `on_block` when built); without, the blocks
+    are dropped again (GPTQ as a baseline only)."""
     model, _prefix, layers = _without_blocks(checkpoint, config, dtype, targets)
 
     def load_block(local: str) -> None:
@@ -240,6 +265,8 @@ def streamed_gptq(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch
             return
         for name, start in results.items():
             replace_module(model, name, build(name, model.get_submodule(name), start))
+        if on_block is not None:
+            on_block(index, layers)
 
     final = gptq_blockwise(model, targets, quant, calib, ranges, done, damp=ptq.damp, act_order=ptq.act_order,
                            inputs=ptq.gptq_inputs, load_block=load_block, windows=windows)

@@ -47,7 +47,7 @@ from lrqat.evaluate import perplexity
 from lrqat.memory import memory_bill, peak_memory_mb, reset_peak_memory
 from lrqat.rundir import RunDir, strict_json
 from lrqat.runtime import use_cpu
-from lrqat.shard import distribute, full_tensor, gather_model
+from lrqat.shard import BlockSharding, distribute, full_tensor, gather_model
 from lrqat.spec import TrainSpec
 from lrqat.surgery import trainable_groups
 
@@ -135,6 +135,7 @@ class Trainer:
         out_dir: Path,
         fingerprint: dict[str, Any],
         objective: Objective | None = None,
+        sharding: BlockSharding | None = None,
     ) -> None:
         self.spec = spec
         self.objective = objective or Objective()
@@ -159,7 +160,8 @@ class Trainer:
                 remove_stale_temps(out_dir / name)
             recover_checkpoints(out_dir)
         self.accelerator.wait_for_everyone()
-        self.model, self.optimizer, self.skeleton = distribute(model, lambda m: build_optimizer(m, spec), self.accelerator)
+        self.model, self.optimizer, self.skeleton = distribute(model, lambda m: build_optimizer(m, spec), self.accelerator,
+                                                               sharding)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, spec))
         self.step = 0
         # taken before any resume: a rebuilt model starts where the original did
@@ -184,8 +186,9 @@ class Trainer:
     def sharded(self) -> bool:
         return self.skeleton is not None
 
-    def trained_model(self) -> nn.Module:
-        """The trained model as one plain module in this process (whole again if sharded)."""
+    def trained_model(self) -> nn.Module | None:
+        """The trained model as one plain module in this process (whole again if sharded,
+        in the main process only: None in the others)."""
         if self.sharded:
             return gather_model(self.model, self.skeleton)
         return self.accelerator.unwrap_model(self.model)
@@ -367,16 +370,18 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
     objective: Objective | None = None,
+    sharding: BlockSharding | None = None,
 ) -> TrainResult:
     """Train `model` on `train_blocks` (a `BlockSource`: `PackedBlocks`, `TokenStream`);
     with `resume`, continue from the checkpoint in `out_dir`. The trained model is
     `result.model`: `model` itself, except under FSDP, where `model` is left sharded and
-    `result.model` is a gathered copy.
+    `result.model` is a copy gathered in the main process (None in the others).
+    `sharding`: the blocks of a streamed build, sharded already (`BlockSharding`).
 
     `fingerprint` is any JSON-able description of the settings; a checkpoint written
     under another fingerprint is refused on resume.
     """
-    trainer = Trainer(model, train_blocks, eval_blocks, spec, Path(out_dir), fingerprint or {}, objective)
+    trainer = Trainer(model, train_blocks, eval_blocks, spec, Path(out_dir), fingerprint or {}, objective, sharding)
     if resume and trainer.checkpoint_path.exists():
         trainer.resume()
     else:
