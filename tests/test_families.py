@@ -123,7 +123,8 @@ TEXT = "The jury said it did find that many of Georgia's 1,200 registration laws
 
 # (Llama with the built-in BPE tokenizer is tested in test_export; Mistral is a Llama in llama.cpp)
 @pytest.mark.parametrize(("name", "vocab"), [("qwen2", "bpe"), ("qwen3", "bpe"), ("gemma2", "sentencepiece"),
-                                             ("phi3", "sentencepiece"), ("llama", "sentencepiece")])
+                                             ("gemma3", "sentencepiece"), ("phi3", "sentencepiece"),
+                                             ("llama", "sentencepiece")])
 def test_llama_cpp_runs_the_gguf_its_converter_wrote_from_our_integers(tmp_path, request, name, vocab):
     tokenizer = request.getfixturevalue("tokenizer" if vocab == "bpe" else "sp_tokenizer")
     model = trained(name, tokenizer)
