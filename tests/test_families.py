@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     Gemma2Config,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     OPTConfig,
@@ -40,7 +41,17 @@ def family_config(name: str, tokenizer):
             "qwen2": lambda: Qwen2Config(**common, tie_word_embeddings=False),  # q/k/v biases
             "qwen3": lambda: Qwen3Config(**common, head_dim=16),  # q/k norms
             "gemma2": lambda: Gemma2Config(**common, head_dim=16),  # scaled embeddings, soft-capping, post-norms
+            "gemma3": lambda: gemma3_config(common),
             "phi3": lambda: Phi3Config(**common)}[name]()  # fused qkv and gate_up
+
+
+def gemma3_config(common: dict, **overrides) -> Gemma3TextConfig:
+    """Gemma 3 as published: q/k norms, post-norms, scaled embeddings, and attention scaled
+    by query_pre_attn_scalar = head_dim; one sliding layer (a window of 8, shorter than the
+    test text, with its own rotary base) and one global layer, so the window, both bases and
+    the layer pattern all reach the logits."""
+    return Gemma3TextConfig(**{**common, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                               "layer_types": ["sliding_attention", "full_attention"], **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +97,7 @@ def logits(model, ids=IDS):
         return model(torch.tensor([ids])).logits[0]
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"])
 def test_merge_is_exact_and_transformers_loads_the_compressed_tensors_export(tmp_path, tokenizer, name):
     model = trained(name, tokenizer)
     training_time = logits(model)
@@ -112,7 +123,8 @@ TEXT = "The jury said it did find that many of Georgia's 1,200 registration laws
 
 # (Llama with the built-in BPE tokenizer is tested in test_export; Mistral is a Llama in llama.cpp)
 @pytest.mark.parametrize(("name", "vocab"), [("qwen2", "bpe"), ("qwen3", "bpe"), ("gemma2", "sentencepiece"),
-                                             ("phi3", "sentencepiece"), ("llama", "sentencepiece")])
+                                             ("gemma3", "sentencepiece"), ("phi3", "sentencepiece"),
+                                             ("llama", "sentencepiece")])
 def test_llama_cpp_runs_the_gguf_its_converter_wrote_from_our_integers(tmp_path, request, name, vocab):
     tokenizer = request.getfixturevalue("tokenizer" if vocab == "bpe" else "sp_tokenizer")
     model = trained(name, tokenizer)
@@ -142,4 +154,18 @@ def test_an_architecture_llama_cpp_lacks_is_refused_in_one_line_naming_what_expo
                  targets=r"\.(q_proj|k_proj|v_proj)$")
     save_quantized(model, tokenizer, tmp_path / "model", W4)
     with pytest.raises(LrqatError, match=r"llama.cpp has no OPTForCausalLM .* export compressed-tensors"):
+        export(tmp_path, "gguf")
+
+
+def test_a_gemma3_llama_cpp_would_scale_differently_is_refused_in_one_line(tmp_path, tokenizer):
+    # transformers scales attention by query_pre_attn_scalar**-0.5 (its default, 256, is the
+    # published head_dim); llama.cpp by 1/sqrt(head_dim), here 16: the GGUF would run wrong
+    config = gemma3_config({"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+                           query_pre_attn_scalar=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    apply_method("rtn", model, W4, None, init_ranges(model, W4, TARGETS), targets=TARGETS)
+    save_quantized(model, tokenizer, tmp_path / "model", W4)
+    with pytest.raises(LrqatError, match=r"1/sqrt\(16\) and ignores query_pre_attn_scalar \(256 here\)"):
         export(tmp_path, "gguf")

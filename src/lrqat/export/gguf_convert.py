@@ -75,11 +75,36 @@ def converter_architectures() -> set[str]:
 
 
 def check_gguf_architecture(config: PretrainedConfig, model_class: str | None = None) -> None:
-    """Refuse, in one line, a model whose architecture llama.cpp's converter lacks."""
+    """Refuse, in one line, a model whose architecture llama.cpp's converter lacks, or
+    whose config llama.cpp's graph for it would compute differently."""
     names = getattr(config, "architectures", None) or ([model_class] if model_class else [])
     if names and not any(name in converter_architectures() for name in names):
         raise LrqatError(f"llama.cpp has no {names[0]} (its converter does not know this architecture), so there is "
                          "no GGUF of it: export compressed-tensors or hf-dequantized instead.")
+    check_gemma3_attention_scale(config)
+
+
+def llama_cpp_gemma3_scale_dim(text: PretrainedConfig) -> int:
+    """The d in llama.cpp's Gemma 3 attention scale 1/sqrt(d): it reads no
+    `query_pre_attn_scalar` but hard-codes the published models' values, head_dim, or
+    hidden_size // heads for the 62-layer 27B (`src/models/gemma3.cpp`)."""
+    if text.num_hidden_layers == 62:
+        return text.hidden_size // text.num_attention_heads
+    return text.head_dim
+
+
+def check_gemma3_attention_scale(config: PretrainedConfig) -> None:
+    """Refuse a Gemma 3 whose `query_pre_attn_scalar` is not what llama.cpp assumes: its
+    GGUF would load and run with attention logits scaled wrongly, with no error anywhere
+    (transformers scales by query_pre_attn_scalar**-0.5, llama.cpp by 1/sqrt(head_dim))."""
+    text = config.get_text_config()
+    if getattr(text, "model_type", None) != "gemma3_text":
+        return
+    scalar, dim = text.query_pre_attn_scalar, llama_cpp_gemma3_scale_dim(text)
+    if scalar != dim:
+        raise LrqatError(f"llama.cpp's Gemma 3 scales attention by 1/sqrt({dim}) and ignores query_pre_attn_scalar "
+                         f"({scalar} here), so its GGUF would compute other logits: export compressed-tensors or "
+                         "hf-dequantized instead.")
 
 
 def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Path, spec: QuantSpec, path: Path

@@ -14,12 +14,34 @@ projections. Two of its steps are wrapped:
 - `gguf_writer.add_tensor`: a quantized weight is written as GGUF blocks packed from
   those integers (Q4_0/Q4_1/Q8_0, `gguf_packing.pack_codes`), every other tensor in the
   smallest type that holds it exactly (`gguf_packing.float_tensor`).
+One metadata key is added where the converter leaves llama.cpp to guess (`add_layer_pattern`).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
+
+# families whose llama.cpp graph reads `{arch}.attention.sliding_window_pattern` but whose
+# converter does not write it from the config's `layer_types` (llama.cpp then assumes a pattern)
+LAYER_PATTERN_ARCHS = ("GEMMA3",)
+
+
+def add_layer_pattern(model: Any, writer: Any, gguf: Any) -> None:
+    """Write which layers use sliding-window attention, from the config's `layer_types`.
+
+    The converter's Gemma 3 writes a sliding window but no layer pattern, and llama.cpp
+    then hard-codes Gemma 3's own (five sliding layers, then one global: layer i is global
+    iff i % 6 == 5). A config whose `layer_types` say otherwise would get the wrong mask
+    and the wrong rotary base on some layers; llama.cpp reads the per-layer list when it
+    is there, as the converter writes it for Mellum and EXAONE 4.
+    """
+    layer_types = model.hparams.get("layer_types")
+    key = gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=writer.arch)
+    if (model.model_arch.name in LAYER_PATTERN_ARCHS and layer_types
+            and not any(key in kv for kv in writer.kv_data)):
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
 
 
 def main(converter: str, float_dir: str, quantized: str, out: str, block_type: str, pre_tokenizer: str,
@@ -80,6 +102,13 @@ def main(converter: str, float_dir: str, quantized: str, out: str, block_type: s
         return original_add(name, tensor, raw_shape=raw_shape, raw_dtype=raw_dtype, **kwargs)
 
     writer.add_tensor = add_tensor
+    original_parameters = model.set_gguf_parameters
+
+    def set_gguf_parameters() -> None:
+        original_parameters()
+        add_layer_pattern(model, writer, gguf)
+
+    model.set_gguf_parameters = set_gguf_parameters
     writer.add_file_type = lambda _ftype: original_file_type(FILE_TYPES[kind])
     writer.add_string("lrqat.export", "gguf")  # marks the file as ours: a later export may replace it
     with torch.inference_mode():
