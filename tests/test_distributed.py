@@ -68,12 +68,15 @@ def one_process_run(tmp_path_factory, tiny_model_dir, text_file):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("config", "sharding", "port"), [("ddp.yaml", "ddp", 29517), ("fsdp.yaml", "fsdp", 29518)])
+@pytest.mark.parametrize(("config", "sharding", "port", "load"),
+                         [("ddp.yaml", "ddp", 29517, "memory"), ("fsdp.yaml", "fsdp", 29518, "memory"),
+                          ("ddp.yaml", "ddp", 29523, "stream"), ("fsdp.yaml", "fsdp", 29524, "stream")])
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, tiny_model_dir, text_file, one_process_run, config, sharding, port
+    tmp_path, tiny_model_dir, text_file, one_process_run, config, sharding, port, load
 ):
+    """Against one process loading the model whole: `--load stream` gives the same model."""
     out = tmp_path / "two"
-    run_cli(quantize_args(tiny_model_dir, text_file, out, 2), accelerate_launcher(config, port))
+    run_cli([*quantize_args(tiny_model_dir, text_file, out, 2), "--load", load], accelerate_launcher(config, port))
     results = json.loads((out / "results.json").read_text())
     assert (results["processes"], results["sharding"]) == (2, sharding)
     # FSDP: each process holds half of every parameter, Φ0 and embeddings included
