@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from lrqat.blockap import block_ap
 from lrqat.blockwise import capture_block_calls
-from lrqat.methods import DEFAULT_TARGETS, apply_method
+from lrqat.methods import DEFAULT_TARGETS, apply_method, calibrated_start
 from lrqat.pipeline import run_quantize
-from lrqat.spec import LRQATSpec, QuantSpec, RunSpec
+from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec, RunSpec
 from lrqat.surgery import find_targets, init_ranges
 
 W3 = QuantSpec(bits=3, symmetric=False, group_size=32)
@@ -36,8 +35,8 @@ def test_block_ap_reconstructs_blocks_better_than_rtn_and_leaves_the_float_model
     ranges = init_ranges(model, W3, DEFAULT_TARGETS, "minmax")
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     logs = []
-    new_ranges, integers = block_ap(model, W3, targets, ranges, calib, epochs=4, lr=1e-3, lr_scales=1e-4,
-                                    log=logs.append)
+    ptq = PTQSpec(init="block-ap", blockap_epochs=4, blockap_lr=1e-3, blockap_lr_scales=1e-4)
+    new_ranges, integers = calibrated_start("block-ap", model, W3, DEFAULT_TARGETS, ranges, calib, ptq, logs.append)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert set(integers) == {name for name, _ in targets} and len(logs) == 2
     for name, q in integers.items():
@@ -52,8 +51,8 @@ def test_lr_qat_from_block_ap_starts_exactly_at_the_block_ap_model():
     model = tiny_llama(layers=2)
     ranges = init_ranges(model, W3, DEFAULT_TARGETS, "minmax")
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    new_ranges, integers = block_ap(model, W3, find_targets(model, DEFAULT_TARGETS), ranges, calib, epochs=1,
-                                    log=lambda _: None)
+    new_ranges, integers = calibrated_start("block-ap", model, W3, DEFAULT_TARGETS, ranges, calib,
+                                            PTQSpec(init="block-ap", blockap_epochs=1), lambda _: None)
     ids = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         start = apply_method("block-ap", tiny_llama(layers=2), W3, None, new_ranges, integers=integers)(ids).logits

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Qwen2Config
 from conftest import tiny_llama
 from lrqat.errors import LrqatError
 from lrqat.evaluate import perplexity
-from lrqat.methods import DEFAULT_TARGETS, METHODS, LayerStart, apply_method, gptq_start
+from lrqat.methods import DEFAULT_TARGETS, METHODS, STARTS, LayerStart, apply_method, calibrated_start
 from lrqat.ranges import init_params
 from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec
-from lrqat.streaming import Checkpoint, MethodBuilder, stream_model, streamed_gptq, streamed_perplexities
+from lrqat.streaming import Checkpoint, MethodBuilder, stream_model, streamed_perplexities, streamed_start
 from lrqat.surgery import find_targets, init_ranges
 
 W4 = QuantSpec(bits=4, symmetric=True, group_size=None)
@@ -86,31 +86,35 @@ def test_streamed_model_equals_the_method_applied_in_memory(tmp_path, name, meth
         assert streamed.lm_head.weight is streamed.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("method", ["gptq", "lrqat"])
+@pytest.mark.parametrize(("start", "method"), [("gptq", "gptq"), ("gptq", "lrqat"), ("block-ap", "lrqat")])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2"])
-def test_streamed_gptq_equals_gptq_in_memory_and_measures_its_model(tmp_path, name, method):
-    """GPTQ block by block from disk gives the in-memory GPTQ integers, the method's layers
-    started from them, and the GPTQ model's perplexity from hidden states it carried."""
+def test_streamed_start_equals_the_start_in_memory_and_measures_its_model(tmp_path, name, start, method):
+    """A calibrated start block by block from disk gives the in-memory start's integers and
+    scales, the method's layers started from them, and the start's perplexity from hidden
+    states it carried."""
     model = family(name)
     checkpoint = saved(model, tmp_path, shard="60KB")
-    spec, ptq = LRQATSpec(rank=4), PTQSpec(init="gptq")
+    spec, ptq = LRQATSpec(rank=4), PTQSpec(init=start, blockap_epochs=1)
     targets = [n for n, _ in find_targets(model, DEFAULT_TARGETS)]
     calib = torch.randint(0, 96, (3, 16), generator=torch.Generator().manual_seed(2))
     windows = {"eval": torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))}
-    builder = MethodBuilder(method, W4, spec, "lp", seed=3)
-    streamed, ppl = streamed_gptq(checkpoint, model.config, torch.float32, targets, W4, calib,
-                                  lambda _n, linear: init_params(linear.weight.detach(), W4, "lp"), ptq, builder, windows)
-    ranges = init_ranges(model, W4, DEFAULT_TARGETS)
-    integers = gptq_start(model, W4, DEFAULT_TARGETS, ranges, calib)
+
+    def streamed(build):
+        return streamed_start(checkpoint, model.config, torch.float32, targets, W4, calib,
+                              STARTS[start].calibrator(W4, lambda _n, lin: init_params(lin.weight.detach(), W4, "lp"),
+                                                       ptq, lambda _: None),
+                              STARTS[start].float_path(ptq), build, windows)
+
+    built, ppl = streamed(MethodBuilder(method, W4, spec, "lp", seed=3))
+    ranges, integers = calibrated_start(start, model, W4, DEFAULT_TARGETS, init_ranges(model, W4, DEFAULT_TARGETS),
+                                        calib, ptq, lambda _: None)
     reference = apply_method(method, family(name), W4, spec, ranges, seed=3, integers=integers)
-    gptq_model = apply_method("gptq", family(name), W4, None, ranges, integers=integers)
-    got, want = streamed.state_dict(), reference.state_dict()
+    start_model = apply_method("gptq", family(name), W4, None, ranges, integers=integers)
+    got, want = built.state_dict(), reference.state_dict()
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
-    assert ppl["eval"].ppl == pytest.approx(perplexity(gptq_model, windows["eval"]).ppl, rel=1e-6)
-    baseline_only, again = streamed_gptq(checkpoint, model.config, torch.float32, targets, W4, calib,
-                                         lambda _n, linear: init_params(linear.weight.detach(), W4, "lp"), ptq, None,
-                                         windows)
+    assert ppl["eval"].ppl == pytest.approx(perplexity(start_model, windows["eval"]).ppl, rel=1e-6)
+    baseline_only, again = streamed(None)
     assert baseline_only is None and again["eval"].ppl == ppl["eval"].ppl
 
 
@@ -138,10 +142,15 @@ def run_spec(model_dir, text_file, out, load, method="lrqat", **extra):
 GPTQ_START = {"ptq": {"init": "gptq", "calib_tokens": 96}}
 
 
+BLOCKAP_START = {"ptq": {"init": "block-ap", "calib_tokens": 96, "blockap_epochs": 1, "gptq_baseline": True}}
+
+
 @pytest.mark.parametrize(("method", "extra"), [("lrqat", {}), ("rtn", {}), ("lrqat", GPTQ_START),
                                                ("lrqat", {"ptq": {"gptq_baseline": True, "calib_tokens": 96}}),
-                                               ("gptq", GPTQ_START)], ids=["lrqat", "rtn", "lrqat-from-gptq",
-                                                                            "lrqat-gptq-baseline", "gptq"])
+                                               ("gptq", GPTQ_START), ("lrqat", BLOCKAP_START),
+                                               ("block-ap", BLOCKAP_START)],
+                         ids=["lrqat", "rtn", "lrqat-from-gptq", "lrqat-gptq-baseline", "gptq", "lrqat-from-block-ap",
+                              "block-ap"])
 def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, tiny_model_dir, text_file, method,
                                                                       extra):
     from lrqat.export.native import load_quantized
@@ -168,8 +177,6 @@ def test_a_streamed_run_gives_the_in_memory_run_results_and_integers(tmp_path, t
 
 @pytest.mark.parametrize(("extra", "flag"), [({"rotate": "hadamard"}, "--rotate hadamard"),
                                              ({"act": {"bits": 8}}, "--act-bits"),
-                                             ({"ptq": {"init": "block-ap"}}, "--init block-ap"),
-                                             ({"method": "block-ap"}, "--method block-ap"),
                                              ({"train": {"loss": "kd", "teacher": "float"}}, "--teacher float")])
 def test_what_streaming_cannot_do_yet_is_refused_by_name(tmp_path, extra, flag):
     from lrqat.spec import RunSpec

@@ -1,7 +1,7 @@
 """Running a causal LM one decoder block at a time, through the model's own forward.
 
-Block-wise reconstruction (Block-AP), block-sequential calibration and the evaluation of
-models that do not fit in memory all need the same three things: the hidden states that
+Block-wise reconstruction (Block-AP), block-sequential calibration (GPTQ) and the
+evaluation of models that do not fit in memory all need the same three things: the hidden states that
 enter the first block, the keyword arguments the model calls each block with (position
 embeddings, masks: these differ per block in models with sliding-window layers), and the
 model's own tail (final norm, head, logit soft-capping) applied to hidden states computed
@@ -13,13 +13,20 @@ no architecture's decoder loop is re-implemented, and blocks that are not in mem
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from lrqat.errors import LrqatError
+from lrqat.layers import QuantLinear
+from lrqat.surgery import replace_module
+
+if TYPE_CHECKING:
+    from lrqat.spec import QuantSpec
 
 
 def decoder_layers(model: nn.Module, target_names: list[str]) -> tuple[str, nn.ModuleList]:
@@ -102,3 +109,83 @@ def _device(model: nn.Module) -> torch.device:
         if tensor.device.type != "meta":
             return tensor.device
     return torch.device("cpu")
+
+
+BlockResult = dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
+"""One block's targets → (scales, zero points, integers): a calibrated start's result."""
+
+
+@dataclass
+class BlockData:
+    """What a block is calibrated on: the keyword arguments it is called with, its inputs
+    through the quantized blocks before it, and (when asked for) its inputs through the
+    float blocks and the float block's outputs on those."""
+
+    calls: list[dict[str, Any]]
+    quantized: list[torch.Tensor]
+    float_inputs: list[torch.Tensor] | None = None
+    float_outputs: list[torch.Tensor] | None = None
+
+
+BlockCalibrator = Callable[[int, str, nn.Module, dict[str, nn.Linear], BlockData], BlockResult]
+"""`calibrate(index, prefix, block, targets, data)`: a calibrated start (GPTQ, Block-AP)
+for the targets (qualified name → float linear) of one float block."""
+
+
+@torch.no_grad()
+def calibrate_blockwise(
+    model: nn.Module,
+    targets: list[str],
+    spec: QuantSpec,
+    calib: torch.Tensor,
+    calibrate: BlockCalibrator,
+    on_block: Callable[[int, BlockResult], None],
+    float_path: bool = False,
+    load_block: Callable[[str], None] | None = None,
+    windows: dict[str, torch.Tensor] | None = None,
+) -> dict[str, list[torch.Tensor]]:
+    """A calibrated start, one decoder block at a time, as GPTQ's and EfficientQAT's code
+    run: each block is calibrated on the outputs of the blocks already quantized, so the
+    error each leaves is what the next one sees.
+
+    Per block: `load_block(prefix)` (the streaming load reads it from disk), the float
+    block's outputs on float inputs (`float_path`: Block-AP's targets, GPTQ's float
+    variant), `calibrate`, then the quantized block (its targets as integer layers)
+    carries the calibration sequences, and the sequences of `windows`, to the next
+    block; `on_block(index, results)` last (keep the integers, or build the method's
+    layers and drop the float ones). Returns each window set's hidden states after the
+    last block (the start's perplexity without holding its model: `tail_logits`)."""
+    prefix, layers = decoder_layers(model, targets)
+    quantized, calls = capture_block_calls(model, layers, calib)
+    floats = [h.clone() for h in quantized] if float_path else None
+    followed = {name: capture_block_calls(model, layers, ids) for name, ids in (windows or {}).items()}
+    for index, layer in enumerate(layers):
+        local = f"{prefix}.{index}."
+        if load_block is not None:
+            load_block(local)
+        linears = {t: layer.get_submodule(t[len(local):]) for t in targets if t.startswith(local)}
+        float_outputs = None if floats is None else [call_block(layer, h, kw)
+                                                     for h, kw in zip(floats, calls[index], strict=True)]
+        data = BlockData(calls[index], quantized, floats, float_outputs)
+        results = calibrate(index, local, layer, linears, data) if linears else {}
+        block = quantized_block(layer, local, results, spec)
+        quantized = [call_block(block, h, kw) for h, kw in zip(quantized, calls[index], strict=True)]
+        for name, (hidden, window_calls) in followed.items():
+            followed[name] = ([call_block(block, h, kw) for h, kw in zip(hidden, window_calls[index], strict=True)],
+                              window_calls)
+        floats = float_outputs
+        del block, data
+        on_block(index, results)
+    return {name: hidden for name, (hidden, _) in followed.items()}
+
+
+def quantized_block(layer: nn.Module, local: str, results: BlockResult, spec: QuantSpec) -> nn.Module:
+    """A copy of `layer` with its calibrated targets as integer layers (the block itself
+    when none are)."""
+    if not results:
+        return layer
+    block = copy.deepcopy(layer)
+    for name, (s, z, q) in results.items():
+        relative = name[len(local):]
+        replace_module(block, relative, QuantLinear.from_linear(block.get_submodule(relative), spec, s, z, q=q))
+    return block

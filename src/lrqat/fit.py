@@ -29,7 +29,7 @@ from transformers import PretrainedConfig
 
 from lrqat.errors import LrqatError
 from lrqat.memory import memory_bill
-from lrqat.methods import METHODS, LayerStart
+from lrqat.methods import METHODS, STARTS, LayerStart
 from lrqat.ranges import init_params
 from lrqat.streaming import skeleton
 from lrqat.surgery import check_targets
@@ -130,23 +130,30 @@ def activation_bytes(config: PretrainedConfig, spec: RunSpec, largest_linear: in
     return kept + block + logits + transients
 
 
-def uses_gptq(spec: RunSpec) -> bool:
-    """Whether the run calibrates GPTQ (its start, or a baseline)."""
-    return "gptq" in (METHODS[spec.method].start, spec.ptq.init) or spec.ptq.gptq_baseline
+def calibrated_starts(spec: RunSpec) -> list[str]:
+    """The calibrated starts the run computes (its own, and GPTQ as a baseline)."""
+    start = METHODS[spec.method].start or (spec.ptq.init if spec.ptq.init in STARTS else None)
+    return list(dict.fromkeys(n for n in (start, "gptq" if spec.ptq.gptq_baseline else None) if n is not None))
 
 
-def streamed_gptq_bytes(config: PretrainedConfig, spec: RunSpec, targets: list[nn.Linear], dtype_bytes: int) -> int:
-    """What streamed GPTQ holds beside the model being built: one float block, its
-    targets' Hessians, GPTQ's transients on the largest layer, and the hidden states of
-    the calibration sequences and evaluation windows that go through the blocks."""
+def streamed_start_bytes(config: PretrainedConfig, spec: RunSpec, targets: list[nn.Linear], dtype_bytes: int,
+                         name: str) -> int:
+    """What a streamed calibrated start holds beside the model being built: one float
+    block, the hidden states of the calibration sequences (and of the float path) and of
+    the evaluation windows that go through the blocks, and GPTQ's Hessians and transients
+    on the largest layer, or Block-AP's trained copy of the block (fp32 weights, their
+    gradients and AdamW moments)."""
     text = config.get_text_config()
     per_block = targets[: max(1, len(targets) // text.num_hidden_layers)]
-    block = sum(m.out_features * m.in_features for m in per_block) * dtype_bytes
-    hessians = sum(m.in_features ** 2 for m in per_block) * 4
-    widest = max(m.in_features for m in targets)
-    transients = 3 * max(m.out_features * m.in_features for m in targets) * 4 + 3 * widest ** 2 * 4
-    states = (3 * spec.ptq.calib_tokens + 4 * spec.data.eval_tokens) * text.hidden_size * 4
-    return block + hessians + transients + states
+    block_params = sum(m.out_features * m.in_features for m in per_block)
+    states = (4 * spec.ptq.calib_tokens + 4 * spec.data.eval_tokens) * text.hidden_size * 4
+    if name == "gptq":
+        widest = max(m.in_features for m in targets)
+        own = (sum(m.in_features ** 2 for m in per_block) * 4 + 3 * widest ** 2 * 4
+               + 3 * max(m.out_features * m.in_features for m in targets) * 4)
+    else:  # block-ap
+        own = 4 * block_params * 4
+    return block_params * dtype_bytes + states + own
 
 
 def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharded: bool = False) -> FitEstimate:
@@ -174,8 +181,8 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
     activations = activation_bytes(config, spec, largest, dtype_bytes) if METHODS[spec.method].trained else 0
     if spec.load == "stream":
         setup = RUNTIME_BYTES + base + other + state + 3 * largest * 4
-        if uses_gptq(spec):
-            setup += streamed_gptq_bytes(config, spec, [m for _, m in targets], dtype_bytes)
+        setup += max((streamed_start_bytes(config, spec, [m for _, m in targets], dtype_bytes, name)
+                      for name in calibrated_starts(spec)), default=0)
     else:  # the float model, a copy for RTN, and the method's layers while the float ones still exist
         setup = RUNTIME_BYTES + 2 * float_bytes + base + state
     return FitEstimate(base, other, state, teacher, activations, setup, spec.load)

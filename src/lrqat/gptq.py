@@ -4,17 +4,14 @@ for LR-QAT (Φ0 = the GPTQ integers)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lrqat.blockwise import call_block, capture_block_calls, decoder_layers
-from lrqat.layers import QuantLinear
+from lrqat.blockwise import BlockCalibrator, BlockData, BlockResult, call_block
 from lrqat.quantizer import group_size_of
-from lrqat.surgery import replace_module
 
 if TYPE_CHECKING:
     from lrqat.spec import QuantSpec
@@ -79,9 +76,6 @@ independently; lrqat's GPTQ before block-sequential calibration, kept to reprodu
 Ranges = Callable[[str, nn.Linear], tuple[torch.Tensor, torch.Tensor | None]]
 """A target's grid (scales, zero points) from its qualified name and float linear."""
 
-BlockResult = dict[str, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]
-"""One block's targets → (scales, zero points, GPTQ integers)."""
-
 
 @torch.no_grad()
 def block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[torch.Tensor],
@@ -109,89 +103,23 @@ def block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list
     return hessians
 
 
-@torch.no_grad()
-def gptq_blockwise(
-    model: nn.Module,
-    targets: list[str],
-    spec: QuantSpec,
-    calib_blocks: torch.Tensor,
-    ranges: Ranges,
-    on_block: Callable[[int, BlockResult], None],
-    damp: float = 0.01,
-    act_order: bool = True,
-    inputs: str = "quantized",
-    load_block: Callable[[str], None] | None = None,
-    windows: dict[str, torch.Tensor] | None = None,
-) -> dict[str, list[torch.Tensor]]:
-    """GPTQ one decoder block at a time, through the model's own forward (`blockwise`).
-
-    For each block: `load_block(prefix)` (the streaming load reads it from disk), the
-    Hessians of its targets on the calibration sequences, GPTQ on `ranges`, then
-    `on_block(index, results)` (keep the integers, or build the method's layers and drop
-    the float ones). The quantized block's outputs are the next block's inputs
-    (`inputs="quantized"`), or the float block's (`"float"`). Sequences in `windows`
-    follow the quantized path as well; their hidden states after the last block are
-    returned (the GPTQ model's perplexity without holding it: `tail_logits`)."""
+def gptq_calibrator(spec: QuantSpec, ranges: Ranges, damp: float = 0.01, act_order: bool = True,
+                    inputs: str = "quantized") -> BlockCalibrator:
+    """GPTQ as a block calibrator (`blockwise.calibrate_blockwise`): the Hessians of a
+    block's targets on its `inputs` (`GPTQ_INPUTS`), then each target's integers on the
+    grid `ranges` gives it. The float path is needed for `inputs="float"`."""
     if inputs not in GPTQ_INPUTS:
         raise ValueError(f"inputs must be one of {GPTQ_INPUTS}, not {inputs!r}")
-    prefix, layers = decoder_layers(model, targets)
-    quantized_in, calls = capture_block_calls(model, layers, calib_blocks)
-    float_in = [h.clone() for h in quantized_in] if inputs == "float" else None
-    followed = {name: capture_block_calls(model, layers, ids) for name, ids in (windows or {}).items()}
-    for index, layer in enumerate(layers):
-        local = f"{prefix}.{index}."
-        if load_block is not None:
-            load_block(local)
-        linears = {t: layer.get_submodule(t[len(local):]) for t in targets if t.startswith(local)}
-        hessians = block_hessians(layer, linears, quantized_in if float_in is None else float_in, calls[index])
+
+    def calibrate(_index: int, _local: str, layer: nn.Module, linears: dict[str, nn.Linear], data: BlockData
+                  ) -> BlockResult:
+        seen = data.quantized if inputs == "quantized" else data.float_inputs
+        hessians = block_hessians(layer, linears, seen, data.calls)
         results: BlockResult = {}
         for name, linear in linears.items():
             s, z = ranges(name, linear)
             results[name] = (s, z, gptq_quantize(linear.weight, hessians.pop(name), s, z, spec, damp=damp,
                                                  act_order=act_order))
-        block = _quantized_block(layer, local, results, spec)
-        if float_in is not None:
-            float_in = [call_block(layer, h, kw) for h, kw in zip(float_in, calls[index], strict=True)]
-        quantized_in = [call_block(block, h, kw) for h, kw in zip(quantized_in, calls[index], strict=True)]
-        for name, (hidden, window_calls) in followed.items():
-            followed[name] = ([call_block(block, h, kw) for h, kw in zip(hidden, window_calls[index], strict=True)],
-                              window_calls)
-        del block
-        on_block(index, results)
-    return {name: hidden for name, (hidden, _) in followed.items()}
+        return results
 
-
-def _quantized_block(layer: nn.Module, local: str, results: BlockResult, spec: QuantSpec) -> nn.Module:
-    """A copy of `layer` with its targets replaced by their GPTQ integer layers."""
-    block = copy.deepcopy(layer)
-    for name, (s, z, q) in results.items():
-        relative = name[len(local):]
-        replace_module(block, relative, QuantLinear.from_linear(block.get_submodule(relative), spec, s, z, q=q))
-    return block
-
-
-def gptq_integers(
-    model: nn.Module,
-    targets: list[tuple[str, nn.Linear]],
-    ranges: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-    spec: QuantSpec,
-    calib_blocks: torch.Tensor,
-    damp: float = 0.01,
-    act_order: bool = True,
-    inputs: str = "quantized",
-) -> dict[str, torch.Tensor]:
-    """GPTQ integers of every target of the float `model` in memory, on the grids given
-    by `ranges`, block by block (`gptq_blockwise`)."""
-    integers: dict[str, torch.Tensor] = {}
-
-    def keep(_index: int, results: BlockResult) -> None:
-        integers.update({name: q for name, (_, _, q) in results.items()})
-
-    was_training = model.training
-    model.eval()
-    try:
-        gptq_blockwise(model, [name for name, _ in targets], spec, calib_blocks, lambda name, _: ranges[name], keep,
-                       damp=damp, act_order=act_order, inputs=inputs)
-    finally:
-        model.train(was_training)
-    return integers
+    return calibrate

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lrqat.blockap import block_ap
-from lrqat.gptq import gptq_integers
+from lrqat.blockap import blockap_calibrator
+from lrqat.blockwise import BlockCalibrator, BlockResult, calibrate_blockwise
+from lrqat.gptq import Ranges, gptq_calibrator
 from lrqat.layers import LoRALinear, LRQATLinear, NaiveLoRALinear, PEQALinear, QATLinear, QuantLinear
 from lrqat.surgery import RangeParams, check_targets, find_targets, freeze, init_ranges, replace_module
 
@@ -140,32 +141,62 @@ def apply_method(
     return model
 
 
-def gptq_start(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib_blocks: torch.Tensor,
-               damp: float = 0.01, act_order: bool = True, inputs: str = "quantized") -> dict[str, torch.Tensor]:
-    """GPTQ integers for every target of the float `model`."""
-    found = check_targets(model, quant, targets)
-    return gptq_integers(model, found, ranges, quant, calib_blocks, damp=damp, act_order=act_order, inputs=inputs)
-
-
 Start = tuple[RangeParams, dict[str, torch.Tensor]]
 """A calibrated start: scales/zero points and integers for every target."""
 
 
-def _gptq(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib: torch.Tensor,
-          ptq: PTQSpec, log: Callable[[str], None]) -> Start:
-    return ranges, gptq_start(model, quant, targets, ranges, calib, damp=ptq.damp, act_order=ptq.act_order,
-                              inputs=ptq.gptq_inputs)
+@dataclass(frozen=True)
+class CalibratedStart:
+    """A start computed block by block on calibration data (`blockwise.calibrate_blockwise`),
+    the same way in memory and from a streamed checkpoint: `calibrator(quant, ranges,
+    ptq, log)` makes its block calibrator, `float_path(ptq)` says whether it needs the
+    float blocks' outputs too."""
+
+    calibrator: Callable[[QuantSpec, Ranges, PTQSpec, Callable[[str], None]], BlockCalibrator]
+    float_path: Callable[[PTQSpec], bool]
 
 
-def _block_ap(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib: torch.Tensor,
-              ptq: PTQSpec, log: Callable[[str], None]) -> Start:
-    return block_ap(model, quant, check_targets(model, quant, targets), ranges, calib, epochs=ptq.blockap_epochs,
-                    lr=ptq.blockap_lr, lr_scales=ptq.blockap_lr_scales, log=log)
+STARTS: dict[str, CalibratedStart] = {
+    "gptq": CalibratedStart(lambda quant, ranges, ptq, _log: gptq_calibrator(quant, ranges, ptq.damp, ptq.act_order,
+                                                                             ptq.gptq_inputs),
+                            lambda ptq: ptq.gptq_inputs == "float"),
+    "block-ap": CalibratedStart(lambda quant, ranges, ptq, log: blockap_calibrator(
+        quant, ranges, ptq.blockap_epochs, ptq.blockap_lr, ptq.blockap_lr_scales, log), lambda _ptq: True),
+}
+"""Calibrated starts by name (`--init NAME`, or a method's own `start`)."""
 
 
-STARTS: dict[str, Callable[..., Start]] = {"gptq": _gptq, "block-ap": _block_ap}
-"""Calibrated starts by name (`--init NAME`, or a method's own `start`): each takes the
-float model, the range-init scales and calibration blocks, and returns a `Start`."""
+def calibrated_start(name: str, model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams,
+                     calib: torch.Tensor, ptq: PTQSpec, log: Callable[[str], None] = print) -> Start:
+    """The start `name` for every target of the float `model` in memory (left unchanged),
+    from the range-init grids `ranges`."""
+    start = STARTS[name]
+    found = check_targets(model, quant, targets)
+    new_ranges: RangeParams = {}
+    integers: dict[str, torch.Tensor] = {}
+
+    def keep(_index: int, results: BlockResult) -> None:
+        for target, (s, z, q) in results.items():
+            new_ranges[target], integers[target] = (s, z), q
+
+    was_training = model.training
+    model.eval()
+    try:
+        calibrate_blockwise(model, [n for n, _ in found], quant, calib,
+                            start.calibrator(quant, lambda target, _linear: ranges[target], ptq, log), keep,
+                            float_path=start.float_path(ptq))
+    finally:
+        model.train(was_training)
+    return new_ranges, integers
+
+
+def gptq_start(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib_blocks: torch.Tensor,
+               damp: float = 0.01, act_order: bool = True, inputs: str = "quantized") -> dict[str, torch.Tensor]:
+    """GPTQ integers for every target of the float `model`."""
+    from lrqat.spec import PTQSpec
+
+    ptq = PTQSpec(init="gptq", damp=damp, act_order=act_order, gptq_inputs=inputs)
+    return calibrated_start("gptq", model, quant, targets, ranges, calib_blocks, ptq)[1]
 
 
 def apply_lrqat(

@@ -29,7 +29,7 @@ from lrqat.export.gguf_convert import check_gguf_architecture
 from lrqat.export.native import save_quantized
 from lrqat.fit import check_fits
 from lrqat.memory import PhaseMeter, peak_memory_mb, return_freed_memory
-from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn
+from lrqat.methods import METHODS, STARTS, Method, Start, apply_method, apply_rtn, calibrated_start
 from lrqat.models import load_config, load_model, load_tokenizer, resolve_model
 from lrqat.online import check_model, planned_rotation, prepare
 from lrqat.ranges import init_params
@@ -46,8 +46,8 @@ from lrqat.streaming import (
     rtn_builder,
     skeleton,
     stream_model,
-    streamed_gptq,
     streamed_perplexities,
+    streamed_start,
 )
 from lrqat.surgery import check_targets, count_rtn_ties, init_ranges, merge_model
 from lrqat.tasks import TaskScorer, task_accuracy
@@ -153,7 +153,7 @@ def _memory_start(model: torch.nn.Module, spec: RunSpec, method: Method, measure
         calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
     for name in dict.fromkeys(wanted):
         log(f"{name} on {calib.numel()} calibration tokens")
-        starts[name] = STARTS[name](model, quant, targets, ranges, calib, ptq, log)
+        starts[name] = calibrated_start(name, model, quant, targets, ranges, calib, ptq, log)
         if name != method.name:
             start_ranges, start_integers = starts[name]
             baseline = apply_method(name, copy.deepcopy(model), quant, spec.lrqat, start_ranges,
@@ -192,31 +192,46 @@ def _streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, spec: RunS
                     measure: Callable[..., float], baselines: dict[str, float], stages: Stages,
                     log: Callable[[str], None], on_block: BlockDone | None = None) -> tuple[torch.nn.Module, int]:
     """From the checkpoint, one layer at a time: range init and the method's layers,
-    after GPTQ block by block when the method starts from it (`--init gptq`, `--method
-    gptq`) or it is asked for as a baseline (its perplexities measured in the same pass
-    and kept as stages). Each decoder block goes to `on_block` when built (FSDP shards
-    it there). Returns the model and the count of LR-QAT's step-0 integers that differ
-    from RTN's."""
+    after a calibrated start block by block when the method starts from one (`--init
+    gptq|block-ap`, `--method gptq|block-ap`); a start asked for as a baseline only
+    (`--gptq-baseline`) runs its own pass. Each start's perplexities are measured in its
+    pass and kept as stages. Each decoder block goes to `on_block` when built (FSDP
+    shards it there). Returns the model and the count of LR-QAT's step-0 integers that
+    differ from RTN's."""
     quant, ptq, dtype = spec.quant, spec.ptq, spec.torch_dtype
-    builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed)
-    from_gptq = "gptq" in (method.start, ptq.init)
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # range init, computed once per target
+
+    def ranges(name: str, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if name not in grids:
+            grids[name] = init_params(linear.weight.detach(), quant, ptq.range_init)
+        return grids[name]
+
+    def range_grid(name: str, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        grid = ranges(name, linear)
+        del grids[name]  # the builder takes each target once
+        return grid
+
+    builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed, range_grid)
+    start = method.start or (ptq.init if ptq.init in STARTS else None)
     windows = {prefix: ids for prefix, ids in windows.items() if ids is not None}
-    measured = all(f"{prefix}ppl_gptq" in stages.values for prefix in windows)
+
     model = None
-    if from_gptq or (ptq.gptq_baseline and not measured):
-        calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
-        log(f"range init ({ptq.range_init}) and GPTQ on {calib.numel()} calibration tokens, one block at a time"
-            + (f", then {method.name} layers" if from_gptq else ""))
-
-        def ranges(_name: str, linear: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return init_params(linear.weight.detach(), quant, ptq.range_init)
-
-        model, found = streamed_gptq(checkpoint, config, dtype, targets, quant, calib, ranges, ptq,
-                                     builder if from_gptq else None, windows, on_block)
-        for prefix, ppl in found.items():
-            stages.get(f"{prefix}ppl_gptq", lambda p=ppl: p.ppl)
-    if method.name != "gptq" and (from_gptq or ptq.gptq_baseline):
-        baselines["gptq"] = measure("gptq", METHODS["gptq"].label, None)  # measured in the pass above
+    for name in dict.fromkeys(n for n in (start, "gptq" if ptq.gptq_baseline else None) if n is not None):
+        builds = name == start
+        if builds or not all(f"{prefix}ppl_{name}" in stages.values for prefix in windows):
+            calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
+            log(f"range init ({ptq.range_init}) and {name} on {calib.numel()} calibration tokens, one block at a "
+                "time" + (f", then {method.name} layers" if builds else ""))
+            calibrated = STARTS[name]
+            built, found = streamed_start(checkpoint, config, dtype, targets, quant, calib,
+                                          calibrated.calibrator(quant, ranges, ptq, log), calibrated.float_path(ptq),
+                                          builder if builds else None, windows, on_block if builds else None)
+            model = built if builds else model
+            for prefix, ppl in found.items():
+                stages.get(f"{prefix}ppl_{name}", lambda p=ppl: p.ppl)
+        if name != method.name:
+            baselines[name] = measure(name, METHODS[name].label, None)  # measured in the pass above
+    grids.clear()  # those of a baseline-only pass
     if model is None:
         log(f"range init ({ptq.range_init}) for {quant.describe()} and {method.name} layers, layer by layer")
         model = stream_model(checkpoint, config, dtype, targets, builder, on_block)

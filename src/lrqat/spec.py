@@ -27,7 +27,7 @@ from lrqat.activations import ActSpec
 from lrqat.distill import LOSSES, TEACHERS, check_phi0_teacher
 from lrqat.errors import LrqatError
 from lrqat.gptq import GPTQ_INPUTS
-from lrqat.methods import DEFAULT_TARGETS, METHODS, STARTS, Method
+from lrqat.methods import DEFAULT_TARGETS, METHODS, Method
 from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
 from lrqat.rotation import ROTATIONS
@@ -342,9 +342,6 @@ class RunSpec:
         needs_float = {
             "--rotate hadamard": self.rotate != "none",
             "--act-bits/--kv-bits": self.act.active,
-            # GPTQ streams (`streamed_gptq`); Block-AP does not yet
-            f"--init {self.ptq.init}": self.ptq.init in STARTS and self.ptq.init != "gptq",
-            f"--method {self.method}": METHODS[self.method].start not in (None, "gptq"),
             "--tasks": bool(self.data.tasks),
             f"--teacher {self.train.teacher}": self.train.loss != "ce" and self.train.teacher != "phi0",
         }

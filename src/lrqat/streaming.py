@@ -13,8 +13,9 @@ The float and RTN perplexities of such a model are computed block by block
 (`streamed_perplexities`): the hidden states of every evaluation window go through one
 decoder block at a time, read from the checkpoint, with the RTN copy of that block beside
 it; the model's own forward supplies the blocks' inputs and its tail (`blockwise`).
-GPTQ calibrates the same way (`streamed_gptq`): each block read, calibrated on the
-quantized blocks' outputs, turned into the method's layers and its float weights dropped.
+Calibrated starts (GPTQ, Block-AP) run the same way (`streamed_start`): each block read,
+calibrated on the quantized blocks' outputs, turned into the method's layers and its
+float weights dropped.
 """
 
 from __future__ import annotations
@@ -32,17 +33,25 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from lrqat.blockwise import call_block, capture_block_calls, decoder_layers, tail_logits
+from lrqat.blockwise import (
+    BlockCalibrator,
+    BlockResult,
+    calibrate_blockwise,
+    call_block,
+    capture_block_calls,
+    decoder_layers,
+    tail_logits,
+)
 from lrqat.errors import LrqatError
 from lrqat.evaluate import NLL, Perplexity
-from lrqat.gptq import BlockResult, Ranges, gptq_blockwise
+from lrqat.gptq import Ranges
 from lrqat.layers import LRQATLinear, QuantLinear
 from lrqat.methods import METHODS, LayerStart
 from lrqat.ranges import init_params
 from lrqat.surgery import freeze, replace_module
 
 if TYPE_CHECKING:
-    from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec
+    from lrqat.spec import LRQATSpec, QuantSpec
 
 LOADS = ("memory", "stream")
 """`--load`: the whole float model by `from_pretrained`, or this module's streaming load."""
@@ -243,17 +252,18 @@ def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtyp
 
 
 @torch.no_grad()
-def streamed_gptq(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
-                  quant: QuantSpec, calib: torch.Tensor, ranges: Ranges, ptq: PTQSpec, build: MethodBuilder | None,
-                  windows: dict[str, torch.Tensor], on_block: BlockDone | None = None
-                  ) -> tuple[PreTrainedModel | None, dict[str, Perplexity]]:
-    """GPTQ block by block from the checkpoint (`gptq_blockwise`), one float block in
-    memory at a time, and the GPTQ model's perplexity on each set of `windows`.
+def streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.dtype, targets: list[str],
+                   quant: QuantSpec, calib: torch.Tensor, calibrate: BlockCalibrator, float_path: bool,
+                   build: MethodBuilder | None, windows: dict[str, torch.Tensor], on_block: BlockDone | None = None
+                   ) -> tuple[PreTrainedModel | None, dict[str, Perplexity]]:
+    """A calibrated start (GPTQ, Block-AP: `calibrate`) block by block from the checkpoint
+    (`calibrate_blockwise`), one float block in memory at a time, and the start's
+    perplexity on each set of `windows`.
 
-    With `build`, every target becomes the method's layer started from its GPTQ
-    integers (`--init gptq`, `--method gptq`) as soon as its block is calibrated, and the
-    model is returned (each block handed to `on_block` when built); without, the blocks
-    are dropped again (GPTQ as a baseline only)."""
+    With `build`, every target becomes the method's layer started from the calibrated
+    integers and scales (`--init gptq`, `--method gptq`, ...) as soon as its block is
+    done, and the model is returned (each block handed to `on_block` when built);
+    without, the blocks are dropped again (the start as a baseline only)."""
     model, _prefix, layers = _without_blocks(checkpoint, config, dtype, targets)
 
     def load_block(local: str) -> None:
@@ -268,8 +278,8 @@ def streamed_gptq(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch
         if on_block is not None:
             on_block(index, layers)
 
-    final = gptq_blockwise(model, targets, quant, calib, ranges, done, damp=ptq.damp, act_order=ptq.act_order,
-                           inputs=ptq.gptq_inputs, load_block=load_block, windows=windows)
+    final = calibrate_blockwise(model, targets, quant, calib, calibrate, done, float_path=float_path,
+                                load_block=load_block, windows=windows)
     return (model if build is not None else None), _perplexities(model, layers, windows, final)
 
 
@@ -293,21 +303,26 @@ def rtn_builder(quant: QuantSpec, init: str) -> LayerBuilder:
 class MethodBuilder:
     """A target's layer for `method`, built as `apply_method` builds it (range init, then
     the method's layer, adapters drawn from one seeded generator in module order), and
-    the count of LR-QAT's step-0 integers that differ from RTN's (`rtn_tie_differences`)."""
+    the count of LR-QAT's step-0 integers that differ from RTN's on the range-init grid
+    (`rtn_tie_differences`). `range_grid(name, linear)` gives that grid: the range init
+    (lp by default) is the one expensive part, so a calibrated start that computed it
+    already passes its own."""
 
-    def __init__(self, method: str, quant: QuantSpec, adapter: LRQATSpec | None, init: str, seed: int) -> None:
+    def __init__(self, method: str, quant: QuantSpec, adapter: LRQATSpec | None, init: str, seed: int,
+                 range_grid: Ranges | None = None) -> None:
         self.method, self.quant, self.adapter, self.init = METHODS[method], quant, adapter, init
         self.generator = torch.Generator().manual_seed(seed)
+        self.range_grid = range_grid or (lambda _name, linear: init_params(linear.weight.detach(), quant, init))
         self.ties = 0
 
-    def __call__(self, _name: str, linear: nn.Linear,
+    def __call__(self, name: str, linear: nn.Linear,
                  start: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None) -> nn.Module:
         """`start`: a calibrated start's (scales, zero points, integers) for this target."""
-        s0, z0, integers = start if start is not None else (*init_params(linear.weight.detach(), self.quant,
-                                                                         self.init), None)
+        grid = self.range_grid(name, linear)
+        s0, z0, integers = start if start is not None else (*grid, None)
         layer = self.method.build(LayerStart(linear, self.quant, self.adapter, s0, z0, integers, self.generator,
                                              self.init))
         if isinstance(layer, LRQATLinear):
-            rtn = QuantLinear.from_linear(linear, self.quant, s0, z0)
+            rtn = QuantLinear.from_linear(linear, self.quant, *grid)
             self.ties += int((layer.int_weight() != rtn.int_weight()).sum())
         return layer
