@@ -7,10 +7,10 @@ from conftest import tiny_llama
 from lrqat.blockwise import capture_block_calls
 from lrqat.gptq import GPTQ_INPUTS, block_hessians, gptq_quantize
 from lrqat.layers import LRQATLinear, NaiveLoRALinear, PEQALinear, QATLinear, QuantLinear
-from lrqat.methods import DEFAULT_TARGETS, apply_method, gptq_start
+from lrqat.methods import DEFAULT_TARGETS, apply_method, calibrated_start
 from lrqat.quantizer import dequantize, quantize
 from lrqat.ranges import lp_search_params
-from lrqat.spec import LRQATSpec, QuantSpec, TrainSpec
+from lrqat.spec import LRQATSpec, PTQSpec, QuantSpec, TrainSpec
 from lrqat.surgery import init_ranges, merge_model
 from lrqat.trainer import build_optimizer
 
@@ -156,6 +156,11 @@ def test_gptq_calibrates_each_block_on_the_inputs_it_is_asked_for(inputs):
                        inputs=next(i for i in GPTQ_INPUTS if i != inputs))
     first = "model.layers.0.self_attn.q_proj"
     assert torch.equal(integers[first], other[first]) and not torch.equal(integers[probe], other[probe])
+
+
+def gptq_start(model, quant, targets, ranges, calib, inputs="quantized"):
+    """GPTQ's integers for every target (the start `--init gptq` computes)."""
+    return calibrated_start("gptq", model, quant, targets, ranges, calib, PTQSpec(init="gptq", gptq_inputs=inputs))[1]
 
 
 def find_targets_any(model):

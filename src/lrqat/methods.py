@@ -190,15 +190,6 @@ def calibrated_start(name: str, model: nn.Module, quant: QuantSpec, targets: str
     return new_ranges, integers
 
 
-def gptq_start(model: nn.Module, quant: QuantSpec, targets: str, ranges: RangeParams, calib_blocks: torch.Tensor,
-               damp: float = 0.01, act_order: bool = True, inputs: str = "quantized") -> dict[str, torch.Tensor]:
-    """GPTQ integers for every target of the float `model`."""
-    from lrqat.spec import PTQSpec
-
-    ptq = PTQSpec(init="gptq", damp=damp, act_order=act_order, gptq_inputs=inputs)
-    return calibrated_start("gptq", model, quant, targets, ranges, calib_blocks, ptq)[1]
-
-
 def apply_lrqat(
     model: nn.Module, quant: QuantSpec, lrqat: LRQATSpec, seed: int = 0, ranges: RangeParams | None = None,
     integers: dict[str, torch.Tensor] | None = None, targets: str = DEFAULT_TARGETS, init: str = "lp",
