@@ -70,7 +70,7 @@ def test_quantize_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, text
     assert results["ppl"]["lrqat_merged"] == results["ppl"]["lrqat"]
     assert results["spec"]["quant"] == {"bits": 3, "symmetric": False, "group_size": 32}
     assert results["spec"]["ptq"] == {"init": "minmax", "act_order": True, "damp": 0.01, "calib_tokens": 16384,
-                                      "gptq_baseline": False, "blockap_epochs": 2, "blockap_lr": 1e-5,
+                                      "gptq_inputs": "quantized", "gptq_baseline": False, "blockap_epochs": 2, "blockap_lr": 1e-5,
                                       "blockap_lr_scales": 1e-4}
     assert results["train"]["steps"] == 3 and results["train"]["tokens"] == 3 * 2 * 32
     assert results["context"] == 64 and results["eval_tokens"] == 2 * 63
