@@ -29,7 +29,7 @@ from transformers import PretrainedConfig
 
 from lrqat.errors import LrqatError
 from lrqat.memory import memory_bill
-from lrqat.methods import METHODS, STARTS, LayerStart
+from lrqat.methods import METHODS, LayerStart
 from lrqat.ranges import init_params
 from lrqat.streaming import skeleton
 from lrqat.surgery import check_targets
@@ -130,12 +130,6 @@ def activation_bytes(config: PretrainedConfig, spec: RunSpec, largest_linear: in
     return kept + block + logits + transients
 
 
-def calibrated_starts(spec: RunSpec) -> list[str]:
-    """The calibrated starts the run computes (its own, and GPTQ as a baseline)."""
-    start = METHODS[spec.method].start or (spec.ptq.init if spec.ptq.init in STARTS else None)
-    return list(dict.fromkeys(n for n in (start, "gptq" if spec.ptq.gptq_baseline else None) if n is not None))
-
-
 def streamed_start_bytes(config: PretrainedConfig, spec: RunSpec, targets: list[nn.Linear], dtype_bytes: int,
                          name: str) -> int:
     """What a streamed calibrated start holds beside the model being built: one float
@@ -182,7 +176,7 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
     if spec.load == "stream":
         setup = RUNTIME_BYTES + base + other + state + 3 * largest * 4
         setup += max((streamed_start_bytes(config, spec, [m for _, m in targets], dtype_bytes, name)
-                      for name in calibrated_starts(spec)), default=0)
+                      for name in spec.calibrated_starts), default=0)
     else:  # the float model, a copy for RTN, and the method's layers while the float ones still exist
         setup = RUNTIME_BYTES + 2 * float_bytes + base + state
     return FitEstimate(base, other, state, teacher, activations, setup, spec.load)

@@ -146,12 +146,11 @@ def _memory_start(model: torch.nn.Module, spec: RunSpec, method: Method, measure
     score_tasks("rtn", rtn_model)
     # Calibrated starts (GPTQ, Block-AP): the method's own, the one --init asks for, and
     # GPTQ as a baseline with --gptq-baseline; each is evaluated unless it is the method.
-    start = method.start or (ptq.init if ptq.init in STARTS else None)
+    start = spec.start
     starts: dict[str, Start] = {}
-    wanted = [name for name in (start, "gptq" if ptq.gptq_baseline else None) if name is not None]
-    if wanted:
+    if spec.calibrated_starts:
         calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))
-    for name in dict.fromkeys(wanted):
+    for name in spec.calibrated_starts:
         log(f"{name} on {calib.numel()} calibration tokens")
         starts[name] = calibrated_start(name, model, quant, targets, ranges, calib, ptq, log)
         if name != method.name:
@@ -212,11 +211,11 @@ def _streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, spec: RunS
         return grid
 
     builder = MethodBuilder(method.name, quant, spec.lrqat, ptq.range_init, spec.train.seed, range_grid)
-    start = method.start or (ptq.init if ptq.init in STARTS else None)
+    start = spec.start
     windows = {prefix: ids for prefix, ids in windows.items() if ids is not None}
 
     model = None
-    for name in dict.fromkeys(n for n in (start, "gptq" if ptq.gptq_baseline else None) if n is not None):
+    for name in spec.calibrated_starts:
         builds = name == start
         if builds or not all(f"{prefix}ppl_{name}" in stages.values for prefix in windows):
             calib = data.train.first(max(1, ptq.calib_tokens // spec.train.seq_len))

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -50,10 +50,14 @@ def block_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
     return tuple(classes)
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Shard `model` in place over all processes, one unit per decoder block (blocks a
-    streamed build sharded already are left as they are), then the root."""
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+def process_mesh(device: torch.device) -> DeviceMesh:
+    """The one-dimensional mesh of every process on `device`'s type: what FSDP shards over."""
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Shard `model` in place over `mesh`, one unit per decoder block (blocks a streamed
+    build sharded already are left as they are), then the root."""
     for module in [m for m in model.modules() if isinstance(m, block_classes(model))]:
         if not isinstance(module, FSDPModule):
             fully_shard(module, mesh=mesh)
@@ -70,7 +74,7 @@ class BlockSharding:
     skeleton the trained model is gathered into (`skeleton`)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.mesh = process_mesh(device)
         self.twins: dict[int, nn.Module] = {}
         self.layers: nn.ModuleList | None = None
 
@@ -151,7 +155,8 @@ def distribute(
     """
     if fsdp_requested():
         skeleton = sharding.skeleton(model) if sharding is not None else meta_skeleton(model)
-        model = shard_model(model, accelerator.device)
+        mesh = sharding.mesh if sharding is not None else process_mesh(accelerator.device)
+        model = shard_model(model, mesh)
         return model, build_optimizer(model), skeleton
     model, optimizer = accelerator.prepare(model, build_optimizer(model))
     return model, optimizer, None

@@ -27,7 +27,7 @@ from lrqat.activations import ActSpec
 from lrqat.distill import LOSSES, TEACHERS, check_phi0_teacher
 from lrqat.errors import LrqatError
 from lrqat.gptq import GPTQ_INPUTS
-from lrqat.methods import DEFAULT_TARGETS, METHODS, Method
+from lrqat.methods import DEFAULT_TARGETS, METHODS, STARTS, Method
 from lrqat.phi import PHI_FORMATS
 from lrqat.ranges import RANGE_INITS as RANGE_SETTINGS
 from lrqat.rotation import ROTATIONS
@@ -335,6 +335,20 @@ class RunSpec:
     def torch_dtype(self) -> torch.dtype:
         """The compute dtype `dtype` names, as torch spells it."""
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
+
+    @property
+    def start(self) -> str | None:
+        """The calibrated start (`methods.STARTS`) the method's layers are built from: the
+        method's own (GPTQ, Block-AP) or the one `--init` names; None for a range-init start."""
+        init = self.ptq.init
+        return METHODS[self.method].start or (init if init in STARTS else None)
+
+    @property
+    def calibrated_starts(self) -> list[str]:
+        """Every calibrated start the run computes, in order: the one its layers are built
+        from, then GPTQ as a baseline with `--gptq-baseline` (each computed once)."""
+        names = (self.start, "gptq" if self.ptq.gptq_baseline else None)
+        return list(dict.fromkeys(name for name in names if name is not None))
 
     def check_streamable(self) -> None:
         """What `--load stream` does not do yet, refused by name: each of these needs the

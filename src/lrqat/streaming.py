@@ -182,8 +182,8 @@ def stream_model(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torch.
             local = f"{prefix}.{index}."
             for name in [t for t in targets if t.startswith(local)]:
                 build_target(name)
-            materialize(model, [n for n in (f"{local}{k}" for k in layer.state_dict())
-                                if not n.startswith(done) and n not in aliases], checkpoint, dtype)
+            materialize(model, [n for n in _block_names(layer, local) if not n.startswith(done) and n not in aliases],
+                        checkpoint, dtype)
             on_block(index, layers)
         done += (f"{prefix}.",)
     materialize(model, [n for n in _float_names(model, done) if n not in aliases], checkpoint, dtype)
@@ -207,8 +207,11 @@ def _without_blocks(checkpoint: Checkpoint, config: PretrainedConfig, dtype: tor
     return model, prefix, layers
 
 
-def _block_names(model: nn.Module, local: str) -> list[str]:
-    return [n for n in model.state_dict() if n.startswith(local)]
+def _block_names(layer: nn.Module, local: str) -> list[str]:
+    """The checkpoint names of one decoder block's tensors (`local`: the block's prefix,
+    dot included), from the block alone: the whole model's state dict per block would
+    cost a walk of every module for each of them."""
+    return [f"{local}{name}" for name in layer.state_dict()]
 
 
 def _perplexities(model: nn.Module, layers: nn.ModuleList, windows: dict[str, torch.Tensor],
@@ -238,7 +241,7 @@ def streamed_perplexities(checkpoint: Checkpoint, config: PretrainedConfig, dtyp
             hidden[variant, set_name] = [h.clone() for h in first]
     for index, layer in enumerate(layers):
         local = f"{prefix}.{index}."
-        materialize(model, _block_names(model, local), checkpoint, dtype)
+        materialize(model, _block_names(layer, local), checkpoint, dtype)
         for variant, build in variants.items():
             block = layer if build is None else _replaced(layer, local, targets, build)
             for set_name in windows:
@@ -267,7 +270,7 @@ def streamed_start(checkpoint: Checkpoint, config: PretrainedConfig, dtype: torc
     model, _prefix, layers = _without_blocks(checkpoint, config, dtype, targets)
 
     def load_block(local: str) -> None:
-        materialize(model, _block_names(model, local), checkpoint, dtype)
+        materialize(model, _block_names(model.get_submodule(local.rstrip(".")), local), checkpoint, dtype)
 
     def done(index: int, results: BlockResult) -> None:
         if build is None:
