@@ -65,7 +65,8 @@ def test_the_float_built_in_model_scores_well_above_chance_and_the_same_twice():
     first = task_accuracy(model, tokenizer, list(LOCAL_TASKS), limit=16)
     assert first["lrqat_hellaswag"]["acc"] >= 0.45  # chance 0.25
     assert first["lrqat_lambada"]["acc"] >= 0.1  # chance ~0 (one word of a 49k vocabulary)
-    assert task_accuracy(model, tokenizer, ["lrqat_hellaswag"], limit=16)["lrqat_hellaswag"] == first["lrqat_hellaswag"]
+    # deterministic: the same scores again (the cheaper task: one request per example)
+    assert task_accuracy(model, tokenizer, ["lrqat_lambada"], limit=16)["lrqat_lambada"] == first["lrqat_lambada"]
 
 
 def test_a_run_with_tasks_reports_float_rtn_and_merged_accuracy_and_eval_adds_them(tmp_path, tiny_model_dir):

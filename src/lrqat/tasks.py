@@ -21,6 +21,7 @@ unchanged wherever the hub is reachable (not tested here).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -168,10 +169,9 @@ def task_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: l
     memory (quantized layers and all), by lm-eval's HFLM; `limit` examples per task."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     include = build_local_tasks(source, eval_fraction) if any(t in LOCAL_TASKS for t in tasks) else None
-    manager = TaskManager(include_path=str(include) if include else None)
+    manager = _task_manager(str(include) if include else None, not set(tasks) <= set(LOCAL_TASKS))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise LrqatError(f"unknown task {', '.join(unknown)}: use local ({', '.join(LOCAL_TASKS)}) or a task lm-eval "
@@ -187,6 +187,16 @@ def task_accuracy(model: nn.Module, tokenizer: PreTrainedTokenizerBase, tasks: l
     model.train(was_training)
     return {task: {metric: float(out["results"][task][f"{metric},none"]) for metric in TASK_METRICS
                    if f"{metric},none" in out["results"][task]} for task in tasks}
+
+
+@functools.cache
+def _task_manager(include: str | None, lm_eval_tasks: bool) -> Any:
+    """lm-eval's task index, built once per process: indexing lm-eval's own ~14,000 task
+    files takes seconds (half a minute on 2 busy cores), and lrqat's local tasks need
+    none of them, so they are indexed only when a task outside the local ones is named."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, include_defaults=lm_eval_tasks)
 
 
 def accuracy_recovered(float_acc: float, rtn_acc: float, acc: float) -> float | None:
