@@ -1,5 +1,7 @@
 """The CLI on bad input: a clear message, a non-zero exit, no traceback."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -8,11 +10,26 @@ import time
 import pytest
 
 from conftest import metrics_reached
+from lrqat.cli import main
 
 
 def run_cli(*args, cwd=None):
+    """A real `lrqat` process: what a user's shell sees."""
     return subprocess.run([sys.executable, "-m", "lrqat.cli", *args], check=False, capture_output=True, text=True, cwd=cwd,
                           timeout=300)
+
+
+def run_main(*args):
+    """`lrqat` in this process (`cli.main`): its exit code, stdout and stderr as the real
+    process would give them, without an interpreter and torch's import per refusal. An
+    exception escaping `main` (the traceback a user would see) fails the test."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's own refusals
+            code = exit_.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(proc, *fragments):
@@ -23,39 +40,39 @@ def assert_clean_error(proc, *fragments):
 
 
 def test_unknown_model(tmp_path):
-    proc = run_cli("quantize", "--model", "no-such-model-xyz", "--output", str(tmp_path / "run"))
+    proc = run_main("quantize", "--model", "no-such-model-xyz", "--output", str(tmp_path / "run"))
     assert_clean_error(proc, "unknown model 'no-such-model-xyz'", "smollm2-135m")
 
 
 def test_missing_data_file(tmp_path):
-    proc = run_cli("quantize", "--data", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "run"))
+    proc = run_main("quantize", "--data", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "run"))
     assert_clean_error(proc, "missing.txt", "does not exist")
 
 
 @pytest.mark.parametrize("bits", ["1", "9"])
 def test_bits_out_of_range(tmp_path, bits):
-    assert_clean_error(run_cli("quantize", "--bits", bits, "--output", str(tmp_path)), f"bits={bits}", "2 to 8")
+    assert_clean_error(run_main("quantize", "--bits", bits, "--output", str(tmp_path)), f"bits={bits}", "2 to 8")
 
 
 def test_rank_must_be_positive(tmp_path):
-    assert_clean_error(run_cli("quantize", "--rank", "0", "--output", str(tmp_path)), "rank=0", "positive")
+    assert_clean_error(run_main("quantize", "--rank", "0", "--output", str(tmp_path)), "rank=0", "positive")
 
 
 def test_group_size_that_does_not_divide(tmp_path, tiny_model_dir, text_file):
-    proc = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--granularity", "group",
+    proc = run_main("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--granularity", "group",
                    "--group-size", "48", "--eval-context", "64", "--eval-tokens", "128", "--output", str(tmp_path / "run"))
     assert_clean_error(proc, "group size 48 does not divide the input dimension 64")
 
 
 def test_unknown_flag_and_bad_choice():
     assert_clean_error(run_cli("quantize", "--no-such-flag"), "unrecognized arguments")
-    assert_clean_error(run_cli("quantize", "--phi", "fp8"), "invalid choice")
+    assert_clean_error(run_main("quantize", "--phi", "fp8"), "invalid choice")
 
 
 def test_bad_recipe_key(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("quant:\n  bitz: 4\n")
-    assert_clean_error(run_cli("quantize", "--recipe", str(recipe)), "bitz")
+    assert_clean_error(run_main("quantize", "--recipe", str(recipe)), "bitz")
 
 
 def test_quantize_runs_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, text_file):
@@ -126,7 +143,7 @@ def test_compare_runs_every_method_on_equal_terms(tmp_path, tiny_model_dir, text
 
 
 def test_compare_refuses_unknown_methods(tmp_path):
-    assert_clean_error(run_cli("compare", "--methods", "rtn,magic", "--output", str(tmp_path)), "magic")
+    assert_clean_error(run_main("compare", "--methods", "rtn,magic", "--output", str(tmp_path)), "magic")
 
 
 def test_quantize_exports_and_generates(tmp_path, tiny_model_dir, text_file):
@@ -150,12 +167,12 @@ def test_quantize_exports_and_generates(tmp_path, tiny_model_dir, text_file):
 
 def test_export_refusals_are_clear(tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "run"
-    refused = run_cli("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "3",
+    refused = run_main("quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--bits", "3",
                       "--output", str(out), "--export", "gguf")
     assert_clean_error(refused, "no lossless GGUF block type", "compressed-tensors")
     assert not out.exists()  # refused before any work
-    assert_clean_error(run_cli("export", str(tmp_path), "--format", "gguf"), "quantization.json")
-    assert_clean_error(run_cli("export", str(tmp_path), "--format", "onnx"), "unknown export format")
+    assert_clean_error(run_main("export", str(tmp_path), "--format", "gguf"), "quantization.json")
+    assert_clean_error(run_main("export", str(tmp_path), "--format", "onnx"), "unknown export format")
 
 
 def test_token_budget_and_tensorboard_log(tmp_path, tiny_model_dir, text_file):

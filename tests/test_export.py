@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsC
 
 from lrqat.errors import LrqatError
 from lrqat.export.formats import export, merged_model_dir
+from lrqat.export.gguf_read import FastGGUFReader
 from lrqat.export.native import load_quantized, save_quantized
 from lrqat.export.tensors import quant_layers
 from lrqat.methods import DEFAULT_TARGETS, apply_method
@@ -126,6 +127,10 @@ def test_gguf_blocks_decode_to_our_integers(tmp_path, tiny_model_dir, spec, bloc
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(("llama.", "tokenizer.ggml.pre"))}
     assert fields["llama.block_count"] == 2 and fields["llama.attention.head_count_kv"] == 2
     assert fields["tokenizer.ggml.pre"] == "smollm"  # llama.cpp's converter recognises the tokenizer
+    fast = FastGGUFReader(path)  # the reader lrqat checks its exports with: the same file, read the same
+    assert {k: f.contents() for k, f in fast.fields.items()} == {k: f.contents() for k, f in reader.fields.items()}
+    assert [(t.name, t.tensor_type, t.n_bytes, t.data.tobytes()) for t in fast.tensors] == [
+        (t.name, t.tensor_type, t.n_bytes, t.data.tobytes()) for t in reader.tensors]
 
 
 @pytest.mark.parametrize("spec", [W4_SYM, W4_G32_ASYM], ids=["q4_0", "q4_1"])

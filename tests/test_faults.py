@@ -207,12 +207,11 @@ def test_export_into_a_foreign_folder_needs_force_and_into_the_run_never(merged_
 
 
 def test_gguf_names_the_model_not_a_local_path(merged_run, tiny_model_dir, tmp_path):
-    import gguf
-
     from lrqat.export.formats import export
+    from lrqat.export.gguf_read import FastGGUFReader
 
     path = export(merged_run, "gguf", tmp_path / "tiny.gguf")["path"]
-    reader = gguf.GGUFReader(path)
+    reader = FastGGUFReader(path)
     field = reader.fields["general.name"]
     name = bytes(field.parts[field.data[0]]).decode()
     assert name == tiny_model_dir.name and "/" not in name

@@ -154,10 +154,10 @@ def protected_reason(destination: Path, source: Path) -> str | None:
 
 def earlier_gguf(path: Path) -> bool:
     """True if `path` is a GGUF file lrqat wrote (it carries the `lrqat.export` key)."""
-    import gguf
+    from lrqat.export.gguf_read import FastGGUFReader
 
     try:
-        return "lrqat.export" in gguf.GGUFReader(path).fields
+        return "lrqat.export" in FastGGUFReader(path).fields
     except Exception:  # noqa: BLE001 - any unreadable file is simply not ours
         return False
 

@@ -139,9 +139,9 @@ def export_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, folder: Pa
         raise LrqatError(f"llama.cpp's converter could not write {model.config.model_type!r} as GGUF ({reason}); "
                          "use --format compressed-tensors or hf-dequantized for this model.")
     partial.replace(path)
-    from gguf import GGUFReader
+    from lrqat.export.gguf_read import FastGGUFReader
 
-    reader = GGUFReader(path)
+    reader = FastGGUFReader(path)
     types: dict[str, int] = {}
     for tensor in reader.tensors:
         if tensor.tensor_type != kind:
