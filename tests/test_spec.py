@@ -127,3 +127,11 @@ def test_a_run_of_an_older_version_resumes_unless_a_new_setting_is_in_use(tmp_pa
         check_output(RunSpec.from_dict({"output": str(tmp_path / "run"), "act": {"kv_bits": 8}}).resolve(), resume=True)
     with pytest.raises(LrqatError, match="other settings"):
         check_output(RunSpec.from_dict({"output": str(tmp_path / "run"), "quant": {"bits": 3}}).resolve(), resume=True)
+
+
+def test_a_runs_calibrated_starts_are_its_own_then_the_gptq_baseline_each_once():
+    assert RunSpec().start is None and RunSpec().calibrated_starts == []
+    both = RunSpec(ptq=PTQSpec(init="block-ap", gptq_baseline=True))
+    assert both.start == "block-ap" and both.calibrated_starts == ["block-ap", "gptq"]
+    assert RunSpec(method="gptq", ptq=PTQSpec(gptq_baseline=True)).calibrated_starts == ["gptq"]
+    assert RunSpec(method="block-ap").start == "block-ap"
