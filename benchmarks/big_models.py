@@ -179,12 +179,15 @@ def other_method(name: str, args: argparse.Namespace) -> dict:
                    train=dataclasses.replace(RunSpec().train, seq_len=1024, batch_size=1))
     found = estimate(config, spec)
     budget = available_bytes()
-    fitting = 0
-    for depth in range(1, config.num_hidden_layers + 1):
-        config.num_hidden_layers = depth
-        if budget is not None and estimate(config, spec).peak > budget:
-            break
-        fitting = depth
+    fitting, too_deep = 0, config.num_hidden_layers + 1  # the estimate grows with depth: bisect
+    if budget is None or found.peak <= budget:
+        fitting = config.num_hidden_layers
+    while too_deep - fitting > 1 and fitting < config.num_hidden_layers:
+        config.num_hidden_layers = (fitting + too_deep) // 2
+        if estimate(config, spec).peak <= budget:
+            fitting = config.num_hidden_layers
+        else:
+            too_deep = config.num_hidden_layers
     return {"method": method, "refused": code != 0, "message": lines[-1] if lines else "",
             "estimate_gib": round(found.peak / 2**30, 2), "bill": found.describe(),
             "budget_gib": round(budget / 2**30, 2) if budget else None, "deepest_fitting_layers": fitting,
