@@ -161,7 +161,9 @@ class NaiveLoRALinear(LoRALinear):
         generator: torch.Generator | None = None,
         init: str = "lp",
     ) -> None:
-        base = QuantLinear.from_linear(linear, spec, scales, zeros, init=init).w_hat()
+        # the fake-quantized base in the model's compute dtype, as the float weight it replaces
+        # (bf16 under --dtype bf16: the baseline's memory is that of a bf16 LoRA, not fp32's)
+        base = QuantLinear.from_linear(linear, spec, scales, zeros, init=init).w_hat().to(linear.weight.dtype)
         super().__init__(linear, lrqat, generator, base_weight=base)
         self.spec = spec
         self.init = init
