@@ -78,7 +78,7 @@ def lp_search_params(
 def _lp_error(wg: torch.Tensor, spec: QuantSpec, s: torch.Tensor, z: torch.Tensor | None, p: float) -> torch.Tensor:
     """Per group, ‖Q(W) − W‖_p^p of the grouped weight `wg`: `fake_quant`'s operations in
     its order, in place. The 4th power by squaring twice: torch's general `pow` kernel
-    costs twice the rest of the search (it may differ from it in the last bit)."""
+    costs twice the rest of the search (the two may differ in the last bit)."""
     v = wg / s.unsqueeze(-1)
     if z is not None:
         v.add_(z.unsqueeze(-1))

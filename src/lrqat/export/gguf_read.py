@@ -5,7 +5,8 @@ whose per-access overhead dominates: a 49k-token vocabulary with its merges took
 per file on 2 cores, paid by every export's check of what llama.cpp's converter wrote.
 The same parser over a plain `ndarray` view of the same mapped bytes (no copy) reads it
 several times faster. `_get` is the reader's one accessor of the file's bytes; `gguf` is
-pinned in pyproject.toml, and the tests read every export through this class.
+pinned in pyproject.toml, and a test checks that this class reads every field and tensor
+of an export as `GGUFReader` does.
 """
 
 from __future__ import annotations
