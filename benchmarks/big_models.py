@@ -117,7 +117,7 @@ def run_cli(flags: list[str], log: Path) -> dict:
     """One `lrqat quantize` process; its results and the kernel's peak RSS of the process."""
     started = time.time()
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lrqat.cli", "quantize", *flags], check=False, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", "lrqat.cli", "quantize", *flags], stdout=out,
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
