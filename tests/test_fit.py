@@ -7,7 +7,7 @@ import pytest
 
 from conftest import tiny_llama
 from lrqat.errors import LrqatError
-from lrqat.fit import check_fits, estimate, parse_bytes
+from lrqat.fit import RUNTIME_BYTES, check_fits, estimate, parse_bytes
 from lrqat.memory import memory_bill
 from lrqat.methods import DEFAULT_TARGETS, apply_method
 from lrqat.spec import RunSpec
@@ -25,6 +25,26 @@ def test_the_estimated_static_bill_is_the_bill_of_the_built_model(method, phi):
     assert found.frozen_quantized_base == bill.frozen_quantized_base
     assert found.trainable_and_state == bill.trainable + bill.gradients + bill.adam_state
     assert found.frozen_other == bill.frozen_other
+
+
+@pytest.mark.parametrize("quant", [{"group_size": None}, {"bits": 3, "group_size": 16, "symmetric": False}])
+def test_the_finishing_peak_prices_the_real_merged_model_and_the_export_copy(quant):
+    """Merging and exporting a 13B peak above its training: the estimate knows the
+    merged integer layers' real bytes, and an export adds a second packed copy."""
+    from lrqat.layers import QuantLinear
+    from lrqat.surgery import merge_model
+
+    spec = RunSpec.from_dict({"lrqat": {"rank": 4, "phi": "int"}, "quant": quant})
+    exported = RunSpec.from_dict({**spec.to_dict(), "export": ["compressed-tensors"]})
+    model = tiny_llama(layers=3)
+    plain, with_export = estimate(model.config, spec), estimate(model.config, exported)
+    merged = merge_model(apply_method("lrqat", model, spec.quant, spec.lrqat,
+                                      init_ranges(model, spec.quant, DEFAULT_TARGETS)))
+    real = sum(b.numel() * b.element_size() for m in merged.modules() if isinstance(m, QuantLinear) for b in m.buffers())
+    assert plain.merged == with_export.merged == real
+    assert with_export.finish > plain.finish
+    assert with_export.finish - RUNTIME_BYTES >= 2 * real  # the loaded model and its packed copy
+    assert with_export.peak >= with_export.finish
 
 
 def test_a_run_over_its_budget_stops_before_reading_weights_with_its_bill_and_fixes(monkeypatch, tmp_path,

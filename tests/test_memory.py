@@ -37,3 +37,33 @@ def test_full_qat_pays_sixteen_bytes_per_weight_lrqat_a_fraction(tiny_model):
     assert qat_bill.trainable + qat_bill.gradients + qat_bill.adam_state >= 16 * n
     assert lrqat_bill.total < 0.5 * qat_bill.total
     assert lora_bill.frozen_quantized_base == 0 and lora_bill.frozen_other > lrqat_bill.frozen_other
+
+
+def test_a_run_drops_its_merged_model_before_exporting(tmp_path, tiny_model_dir, text_file, monkeypatch):
+    """The export reads the saved model back: holding the merged model beside it would
+    double the export's memory (at 13B, beyond the machine)."""
+    import gc
+    import weakref
+
+    from lrqat import pipeline
+    from lrqat.cli import main
+
+    saved, alive_at_export = [], []
+    save, export = pipeline.save_quantized, pipeline.export_many
+
+    def remember(model, *args, **kwargs):
+        saved.append(weakref.ref(model))
+        return save(model, *args, **kwargs)
+
+    def observe(*args, **kwargs):
+        gc.collect()
+        alive_at_export.append(saved[0]() is not None)
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_quantized", remember)
+    monkeypatch.setattr(pipeline, "export_many", observe)
+    assert main(["quantize", "--model", str(tiny_model_dir), "--data", str(text_file), "--output", str(tmp_path / "run"),
+                 "--steps", "1", "--batch-size", "1", "--seq-len", "32", "--eval-context", "64", "--eval-tokens", "128",
+                 "--init", "minmax", "--export", "compressed-tensors"]) == 0
+    assert alive_at_export == [False]
+    assert (tmp_path / "run" / "export" / "compressed-tensors" / "config.json").is_file()

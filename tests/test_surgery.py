@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -73,6 +76,25 @@ def test_merged_model_equals_training_model_and_survives_save_and_load(tiny_mode
         reloaded = load_quantized(tmp_path / "model")
         assert sum(isinstance(m, QuantLinear) for m in reloaded.modules()) == 14
         assert torch.equal(reloaded(input_ids=ids).logits, trained)
+
+
+def test_merge_frees_each_trained_layer_before_merging_the_next(tiny_model, monkeypatch):
+    """Merging a 7B must not hold every Φ0 beside every integer layer: when a layer
+    merges, no layer merged before it is alive any more."""
+    apply_lrqat(tiny_model, SPEC, LR, init="minmax")
+    alive = [weakref.ref(m) for m in tiny_model.modules() if isinstance(m, LRQATLinear)]
+    seen = []
+    merge = LRQATLinear.merge
+
+    def observed_merge(self):
+        seen.append(sum(ref() is not None for ref in alive))
+        return merge(self)
+
+    monkeypatch.setattr(LRQATLinear, "merge", observed_merge)
+    merge_model(tiny_model)
+    gc.collect()
+    assert seen == list(range(len(alive), 0, -1))  # the layer merging now, and those after it
+    assert all(ref() is None for ref in alive)
 
 
 def test_rtn_model_uses_integer_layers(tiny_model):

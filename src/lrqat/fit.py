@@ -6,9 +6,11 @@ The static part is not a formula: one real layer of each distinct target shape i
 by the method's own builder and priced by `memory_bill` (the accounting the benchmarks
 use), then multiplied by how many layers have that shape. Activations (block inputs kept
 by checkpointing, one block recomputed, the logits and their gradient, LR-QAT's
-weight-sized transients of the largest layer) and the setup peak (the float model whole,
-twice while the RTN baseline is built, or one layer at a time with `--load stream`) are
-estimates, written out below.
+weight-sized transients of the largest layer), the setup peak (the float model whole,
+twice while the RTN baseline is built, or one layer at a time with `--load stream`) and
+the finishing peak (merging frees each trained layer as it goes; an export reads the
+saved integer model back and writes a second packed copy beside it) are estimates,
+written out below.
 
 `LRQAT_MEMORY_LIMIT` sets the budget (`16GiB`, `512MiB`, or `off` to skip the check);
 otherwise it is the memory available now (GPU: free device memory).
@@ -29,6 +31,7 @@ from transformers import PretrainedConfig
 
 from lrqat.errors import LrqatError
 from lrqat.memory import memory_bill
+from lrqat.layers import QuantLinear
 from lrqat.methods import METHODS, LayerStart
 from lrqat.ranges import init_params
 from lrqat.streaming import skeleton
@@ -83,6 +86,8 @@ class FitEstimate:
     activations: int
     setup: int  # the peak while loading and building, when above training's
     load: str
+    finish: int = 0  # the peak of merging, saving and exporting
+    merged: int = 0  # the merged model's integer layers (packed integers, scales, zero points)
 
     @property
     def training(self) -> int:
@@ -91,7 +96,7 @@ class FitEstimate:
 
     @property
     def peak(self) -> int:
-        return max(self.training, self.setup)
+        return max(self.training, self.setup, self.finish)
 
     def describe(self) -> str:
         parts = [f"frozen quantized base {self.frozen_quantized_base / GiB:.1f}",
@@ -102,17 +107,21 @@ class FitEstimate:
             parts.append(f"teacher {self.teacher / GiB:.1f}")
         if self.setup > self.training:
             parts.append(f"setup peak ({self.load} load) {self.setup / GiB:.1f}")
+        if self.finish > max(self.training, self.setup):
+            parts.append(f"merge and export peak {self.finish / GiB:.1f}")
         return ", ".join(parts) + " GiB"
 
 
-def _layer_bill(spec: RunSpec, linear: nn.Linear) -> tuple[int, int, int]:
-    """Bytes (quantized base, other frozen, trainable + state) of one real layer built
-    the way the run builds it."""
+def _layer_bill(spec: RunSpec, linear: nn.Linear) -> tuple[int, int, int, int]:
+    """Bytes (quantized base, other frozen, trainable + state, merged integer layer) of
+    one real layer built the way the run builds it."""
     s0, z0 = init_params(linear.weight.detach(), spec.quant, "minmax")
     layer = METHODS[spec.method].build(LayerStart(linear, spec.quant, spec.lrqat, s0, z0, None,
                                                   torch.Generator().manual_seed(0), "minmax"))
     bill = memory_bill(layer)
-    return bill.frozen_quantized_base, bill.frozen_other, bill.trainable + bill.gradients + bill.adam_state
+    merged = QuantLinear.from_linear(linear, spec.quant, s0, z0)
+    merged_bytes = sum(b.numel() * b.element_size() for b in merged.buffers())
+    return bill.frozen_quantized_base, bill.frozen_other, bill.trainable + bill.gradients + bill.adam_state, merged_bytes
 
 
 def activation_bytes(config: PretrainedConfig, spec: RunSpec, largest_linear: int, dtype_bytes: int) -> int:
@@ -157,12 +166,12 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
     model = skeleton(config, dtype)
     targets = check_targets(model, spec.quant, spec.targets)
     shapes = Counter((m.out_features, m.in_features, m.bias is not None) for _, m in targets)
-    base = other = state = 0
+    base = other = state = merged = 0
     for (out_f, in_f, bias), count in shapes.items():
         linear = nn.Linear(in_f, out_f, bias=bias, dtype=dtype).requires_grad_(False)
         nn.init.normal_(linear.weight, std=0.02)
-        b, o, s = _layer_bill(spec, linear)
-        base, other, state = base + count * b, other + count * o, state + count * s
+        b, o, s, m = _layer_bill(spec, linear)
+        base, other, state, merged = base + count * b, other + count * o, state + count * s, merged + count * m
         del linear
     target_ids = {id(p) for _, m in targets for p in m.parameters()}
     other += sum(p.numel() for p in model.parameters() if id(p) not in target_ids) * dtype_bytes
@@ -179,7 +188,14 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
                       for name in spec.calibrated_starts), default=0)
     else:  # the float model, a copy for RTN, and the method's layers while the float ones still exist
         setup = RUNTIME_BYTES + 2 * float_bytes + base + state
-    return FitEstimate(base, other, state, teacher, activations, setup, spec.load)
+    finish = 0
+    if METHODS[spec.method].quantized:
+        untouched = sum(p.numel() for p in model.parameters() if id(p) not in target_ids) * dtype_bytes
+        transients = 3 * largest * 4  # one layer's integers and its packing
+        merging = RUNTIME_BYTES + base + other + transients  # trained layers freed as their integer ones arrive
+        exporting = RUNTIME_BYTES + 2 * merged + untouched + transients if spec.export else 0
+        finish = max(merging, exporting)
+    return FitEstimate(base, other, state, teacher, activations, setup, spec.load, finish, merged)
 
 
 def check_fits(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharded: bool = False) -> None:

@@ -9,6 +9,7 @@ stages file, so a resumed run skips them and continues training from its checkpo
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import time
 from collections.abc import Callable
@@ -450,6 +451,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         model_dir=str(out.model) if method.quantized else "",
         tasks=task_scores,
     )
+    # The exports read the saved model back; the one in memory goes first, so a model
+    # the size of the machine is never held twice (at 7B, 4 GiB of packed integers).
+    del model
+    result.model = None
+    gc.collect()
     if main:
         if spec.export:
             results.exports = export_many(out.root, spec.export)

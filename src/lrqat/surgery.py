@@ -73,14 +73,18 @@ def init_ranges(model: nn.Module, quant: QuantSpec, pattern: str, init: str = "l
 
 def merge_model(model: nn.Module) -> nn.Module:
     """Swap every trained layer for its `QuantLinear`, in place. A layer whose scales
-    are non-finite or non-positive, or whose integers leave the grid, is refused by name."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, TrainableQuantLayer):
-            try:
-                merged = module.merge()
-            except LrqatError as err:
-                raise LrqatError(f"cannot merge layer {name}: {err} (did training diverge? lower --lr)") from None
-            replace_module(model, name, merged)
+    are non-finite or non-positive, or whose integers leave the grid, is refused by name.
+
+    Only names are listed up front: each trained layer (its Φ0 is the bulk of the
+    training footprint) is freed as soon as its integer layer replaces it, so merging
+    never holds both forms of the whole model."""
+    names = [name for name, module in model.named_modules() if isinstance(module, TrainableQuantLayer)]
+    for name in names:
+        try:
+            merged = model.get_submodule(name).merge()
+        except LrqatError as err:
+            raise LrqatError(f"cannot merge layer {name}: {err} (did training diverge? lower --lr)") from None
+        replace_module(model, name, merged)
     return model
 
 
