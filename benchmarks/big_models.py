@@ -113,20 +113,27 @@ def write_checkpoint(shape: str, folder: Path) -> Path:
     return folder
 
 
-def run_cli(flags: list[str], log: Path) -> dict:
-    """One `lrqat quantize` process; its results and the kernel's peak RSS of the process."""
-    started = time.time()
+def launch(flags: list[str], log: Path) -> tuple[int, float]:
+    """One `lrqat quantize` process, its output in `log`: exit code and the kernel's peak
+    RSS of the process (MiB)."""
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "lrqat.cli", "quantize", *flags], stdout=out,
                                 stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
+
+
+def run_cli(flags: list[str], log: Path) -> dict:
+    """One `lrqat quantize` run that must succeed; its results and the process's peak RSS."""
+    started = time.time()
+    code, kernel_peak = launch(flags, log)
+    if code != 0:
         raise SystemExit(f"lrqat quantize failed (see {log}): {' '.join(flags)}")
     output = Path(flags[flags.index("--output") + 1])
     result = json.loads((output / "results.json").read_text())
     # The kernel's peak is reset with each phase window (clear_refs), so the process peak
     # is the largest phase peak (or the last window's, if larger).
-    peak = max([usage.ru_maxrss / 1024, *(p["peak_rss_mb"] for p in result.get("phases", {}).values())])
+    peak = max([kernel_peak, *(p["peak_rss_mb"] for p in result.get("phases", {}).values())])
     return {"result": result, "peak_rss_mib": round(peak, 1),
             "wall_seconds": round(time.time() - started, 1), "flags": " ".join(flags)}
 
@@ -179,9 +186,7 @@ def other_method(name: str, args: argparse.Namespace) -> dict:
     code, lines = 0, []
     if budget is not None and found.peak > budget:  # the CLI's own refusal, before any weight is read
         log = Path(args.output) / f"{name}.log"
-        with log.open("w") as out:
-            code = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", *flags], check=False, stdout=out,
-                                  stderr=subprocess.STDOUT).returncode
+        code, _ = launch(flags, log)
         lines = [line for line in log.read_text().splitlines() if line.strip()]
     fitting, too_deep = 0, config.num_hidden_layers + 1  # the estimate grows with depth: bisect
     if budget is None or found.peak <= budget:

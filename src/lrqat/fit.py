@@ -30,8 +30,8 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from lrqat.errors import LrqatError
-from lrqat.memory import memory_bill
 from lrqat.layers import QuantLinear
+from lrqat.memory import memory_bill
 from lrqat.methods import METHODS, LayerStart
 from lrqat.ranges import init_params
 from lrqat.streaming import skeleton
