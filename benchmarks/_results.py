@@ -24,6 +24,23 @@ def command() -> str:
     return "python " + " ".join(sys.argv)
 
 
+def code_version() -> str:
+    """The commit whose code produced a result (with "+changes" when `src/` differs from
+    it), so figures measured before and after a fix are told apart."""
+    import subprocess
+
+    root = Path(__file__).parent.parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    dirty = git("diff", "--quiet", "HEAD", "--", "src").returncode != 0
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
 def write_results(name: str, record: dict[str, Any], table: str) -> None:
     """`results/NAME.json` (the record) and `results/NAME.md` (the table); print the table."""
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from _results import RESULTS, machine, write_results
+from _results import RESULTS, code_version, machine, write_results
 
 SHAPES = {
     # hidden, intermediate, layers, heads (= KV heads)
@@ -147,9 +147,10 @@ def big_variant(name: str, args: argparse.Namespace) -> dict:
     flags[flags.index("--steps") + 1] = str(args.steps)
     if out.exists():
         flags.append("--resume")
+    code = code_version()
     run = run_cli(flags, Path(args.output) / f"{name}.log")
     train = run["result"]["train"]
-    return {"shape": shape, "phi": phi, "parameters": parameters, "limit_gib": LIMITS_GIB[name], **run,
+    return {"shape": shape, "phi": phi, "parameters": parameters, "limit_gib": LIMITS_GIB[name], **run, "code": code,
             "estimate_gib": round(estimated_peak(folder, run["result"]["spec"]) / 2**30, 2),
             "phases": run["result"]["phases"], "bill_bytes": train["bill_bytes"],
             "train_tokens": train["tokens"], "result": None}
@@ -258,8 +259,8 @@ def render(record: dict) -> str:
                          f"{v['estimate_gib']:.1f} | ≤ {v['limit_gib']} | "
                          + " | ".join(cells) + f" | {bill:.1f} |")
         lines += ["", "Commands (`lrqat quantize` flags per variant):", "",
-                  *[f"- {name}: `{v['flags']}` ({v['wall_seconds'] / 60:.1f} min, {v['train_tokens']} training tokens)"
-                    for name, v in big.items()]]
+                  *[f"- {name}: `{v['flags']}` ({v['wall_seconds'] / 60:.1f} min, {v['train_tokens']} training tokens; "
+                    f"code at {v.get('code', 'unknown')})" for name, v in big.items()]]
     others = record.get("other_methods", {})
     if others:
         lines += ["", "## Full QAT and LoRA on the 7B shape", "",
