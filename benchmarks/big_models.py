@@ -151,7 +151,8 @@ def big_variant(name: str, args: argparse.Namespace) -> dict:
     run = run_cli(flags, Path(args.output) / f"{name}.log")
     train = run["result"]["train"]
     return {"shape": shape, "phi": phi, "parameters": parameters, "limit_gib": LIMITS_GIB[name], **run, "code": code,
-            "estimate_gib": round(estimated_peak(folder, run["result"]["spec"]) / 2**30, 2),
+            "estimate_gib": round(estimated_peak(folder, {**run["result"]["spec"], "export": ["compressed-tensors"]})
+                                  / 2**30, 2),
             "phases": run["result"]["phases"], "bill_bytes": train["bill_bytes"],
             "train_tokens": train["tokens"], "result": None}
 
@@ -205,7 +206,8 @@ def other_method(name: str, args: argparse.Namespace) -> dict:
 
 
 def estimated_peak(folder: Path, settings: dict) -> int:
-    """What lrqat's memory check (`lrqat.fit`) predicted for the run, beside what it measured."""
+    """What lrqat's memory check (`lrqat.fit`) predicted for the run, beside what it measured
+    (`settings` as results.json records them, plus the run's exports)."""
     from lrqat.fit import estimate
     from lrqat.models import load_config
     from lrqat.spec import RunSpec
@@ -258,7 +260,9 @@ def render(record: dict) -> str:
             lines.append(f"| {name} | {v['parameters'] / 1e9:.2f} B | {v['peak_rss_mib'] / 1024:.1f} | "
                          f"{v['estimate_gib']:.1f} | ≤ {v['limit_gib']} | "
                          + " | ".join(cells) + f" | {bill:.1f} |")
-        lines += ["", "Commands (`lrqat quantize` flags per variant):", "",
+        lines += ["", ("lrqat's estimate: `lrqat.fit.estimate` for the variant's settings and export, by the "
+                       "current code (a run over the available memory is refused by it)."),
+                  "", "Commands (`lrqat quantize` flags per variant):", "",
                   *[f"- {name}: `{v['flags']}` ({v['wall_seconds'] / 60:.1f} min, {v['train_tokens']} training tokens; "
                     f"code at {v.get('code', 'unknown')})" for name, v in big.items()]]
     others = record.get("other_methods", {})
