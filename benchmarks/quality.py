@@ -25,7 +25,7 @@ import time
 
 from _results import RESULTS, machine, write_results
 
-from lrqat.compare import run_compare
+from lrqat.compare import run_compare, shared_stages
 from lrqat.methods import METHODS
 from lrqat.rundir import gap_recovered
 from lrqat.spec import DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
@@ -66,6 +66,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
     quant = SETTINGS[name]
     root = f"{args.output}/{name}"
     reference = run_compare(base_spec(f"{root}/baselines", quant, args, 0), list(BASELINES))
+    measured = shared_stages(f"{root}/baselines")  # float and RTN: the same for every seed and recipe
     rows: dict[str, dict] = {}
     for method, m in reference["methods"].items():
         if method != "lrqat":
@@ -83,7 +84,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
                 train_changes = {**train_changes, "teacher": "float"}
             spec = dataclasses.replace(spec, ptq=dataclasses.replace(spec.ptq, **ptq_changes),
                                        train=dataclasses.replace(spec.train, **train_changes))
-            runs.append(run_compare(spec, ["lrqat"])["methods"]["lrqat"])
+            runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         per_seed = [{**r, **gaps(r, reference)} for r in runs]
         row = {"seeds": list(args.seeds), "per_seed": per_seed}
         for key in ("ppl", "ppl_ood", "g_rtn", "g_gptq", "ood_g_rtn", "ood_g_gptq", "train_seconds", "peak_memory_mb",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from lrqat.compare import render_compare, summarize
+from lrqat.compare import render_compare, run_compare, shared_stages, summarize
 from lrqat.data import held_out_blocks, load_documents
 from lrqat.errors import LrqatError
 from lrqat.pipeline import run_quantize
@@ -116,3 +116,22 @@ def test_bad_evaluation_settings_are_refused_early(tmp_path, tiny_model_dir, tex
     with pytest.raises(LrqatError, match=message):
         run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "run", **changes), log=lambda _: None)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_comparison_reuses_the_float_and_rtn_perplexities_another_one_measured(tmp_path, tiny_model_dir, text_file,
+                                                                                other_text, capfd):
+    """The quality benchmark's extra seeds and recipes are comparisons of their own:
+    they take the float and RTN figures of the first instead of measuring them again."""
+    first = run_compare(spec_for(tiny_model_dir, text_file, tmp_path / "first", **{"data.eval_source": str(other_text)}),
+                        ["rtn"], log=lambda _: None)
+    measured = shared_stages(tmp_path / "first")
+    assert measured["ppl_float"] == first["ppl_float"] and measured["ood_ppl_rtn"] == first["ppl_ood_rtn"]
+    capfd.readouterr()
+    second = run_compare(spec_for(tiny_model_dir, text_file, tmp_path / "second", **{"data.eval_source": str(other_text),
+                                                                                   "train.seed": 1}),
+                         ["lrqat"], log=lambda _: None, shared=measured)
+    output = capfd.readouterr()
+    assert "perplexity float" not in output.out + output.err and "perplexity RTN" not in output.out + output.err
+    assert "perplexity lrqat merged" in output.out + output.err  # the method itself is measured
+    assert (second["ppl_float"], second["ppl_rtn"], second["ppl_ood_rtn"]) == \
+        (first["ppl_float"], first["ppl_rtn"], first["ppl_ood_rtn"])

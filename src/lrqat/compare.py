@@ -26,12 +26,25 @@ from lrqat.spec import RunSpec
 SHARED_STAGES = ("ppl_float", "ppl_rtn", "ppl_float_act", "ood_ppl_float", "ood_ppl_rtn", "ood_ppl_float_act")
 
 
-def run_compare(spec: RunSpec, methods: list[str], log: Any = print) -> dict[str, Any]:
-    """Run `methods` one after another under `spec.output`; write compare.json/.md/.png."""
+def shared_stages(folder: str | Path) -> dict[str, Any]:
+    """The float and RTN perplexities a finished comparison in `folder` measured (its
+    first method's), to hand to another comparison of the same model, data, quantizer
+    and range init."""
+    out = RunDir(folder)
+    first = next((out.method_run(m) for m in json.loads(out.compare_json.read_text())["methods"]), None)
+    done = first.read_stages() if first is not None else {}
+    return {k: done[k] for k in SHARED_STAGES if k in done}
+
+
+def run_compare(spec: RunSpec, methods: list[str], log: Any = print,
+                shared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `methods` one after another under `spec.output`; write compare.json/.md/.png.
+    `shared`: float/RTN perplexities already measured for the same model, data,
+    quantizer and range init (`shared_stages`), so no method recomputes them."""
     spec.validate()
     out = RunDir(spec.output)
     out.root.mkdir(parents=True, exist_ok=True)
-    shared: dict[str, Any] = {}
+    shared = dict(shared or {})
     rows = {}
     for method in methods:
         run = out.method_run(method)
