@@ -134,6 +134,8 @@ def test_runs_train_with_a_teacher_and_merge_exactly(tmp_path, tiny_model_dir, t
 @pytest.mark.parametrize(("raw", "message"), [
     ({"method": "qat", "train": {"loss": "kd", "teacher": "phi0"}}, "--method lrqat"),
     ({"lrqat": {"phi": "int"}, "train": {"loss": "kd", "teacher": "phi0"}}, "--phi int"),
+    ({"ptq": {"init": "block-ap"}, "train": {"loss": "ce+kd", "teacher": "phi0"}}, "block-ap's quantized model"),
+    ({"ptq": {"init": "gptq"}, "train": {"loss": "kd", "teacher": "phi0"}}, "--teacher float or cache"),
     ({"train": {"loss": "mse"}}, "unknown loss"),
     ({"train": {"teacher": "oracle"}}, "unknown teacher"),
     ({"train": {"kd_weight": 1.5}}, "kd-weight"),

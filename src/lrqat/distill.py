@@ -200,7 +200,15 @@ def make_teacher(kind: str, float_model: nn.Module, sequences: Callable[[], list
     return CacheTeacher.build(float_model, sequences(), top_k, cache_folder, log)
 
 
-def check_phi0_teacher(method: str, phi: str) -> None:
+def check_phi0_teacher(method: str, phi: str, start: str | None = None) -> None:
+    """`--teacher phi0` is near float only when Φ0 is the float weight divided by a range
+    init's scale; a calibrated start (GPTQ, Block-AP) stores its own integers in Φ0, and
+    the "teacher" would be that start's quantized model (measured: Block-AP's, 56.5
+    against float 29.7 at W3 g64)."""
+    if start is not None:
+        raise LrqatError(f"--teacher phi0 is the float model only from a range-init start: with --init {start}, Φ0 "
+                         f"holds {start}'s integers and the teacher would be {start}'s quantized model; use "
+                         "--teacher float or cache.")
     if method != "lrqat":
         raise LrqatError(f"--teacher phi0 reads LR-QAT's stored Φ0: use it with --method lrqat, not {method} "
                          "(or --teacher float).")

@@ -329,7 +329,7 @@ class RunSpec:
         for section in SECTIONS:
             getattr(self, section).validate()
         if self.train.loss != "ce" and self.train.teacher == "phi0":
-            check_phi0_teacher(self.method, self.lrqat.phi)
+            check_phi0_teacher(self.method, self.lrqat.phi, self.start)
 
     @property
     def torch_dtype(self) -> torch.dtype:
