@@ -193,7 +193,7 @@ def other_method(name: str, args: argparse.Namespace) -> dict:
     fitting, too_deep = 0, config.num_hidden_layers + 1  # the estimate grows with depth: bisect
     if budget is None or found.peak <= budget:
         fitting = config.num_hidden_layers
-    while too_deep - fitting > 1 and fitting < config.num_hidden_layers:
+    while too_deep - fitting > 1:
         config.num_hidden_layers = (fitting + too_deep) // 2
         if estimate(config, spec).peak <= budget:
             fitting = config.num_hidden_layers

@@ -32,7 +32,11 @@ def shared_stages(folder: str | Path) -> dict[str, Any]:
     and range init."""
     out = RunDir(folder)
     first = next((out.method_run(m) for m in json.loads(out.compare_json.read_text())["methods"]), None)
-    done = first.read_stages() if first is not None else {}
+    return _shared_of(first) if first is not None else {}
+
+
+def _shared_of(run: RunDir) -> dict[str, Any]:
+    done = run.read_stages()
     return {k: done[k] for k in SHARED_STAGES if k in done}
 
 
@@ -61,8 +65,7 @@ def run_compare(spec: RunSpec, methods: list[str], log: Any = print,
         if proc.returncode != 0:
             raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
         if not shared:
-            done = run.read_stages()
-            shared = {k: done[k] for k in SHARED_STAGES if k in done}
+            shared = _shared_of(run)
         rows[method] = run.read_result()
     summary = summarize(rows)
     atomic_write_text(out.compare_json, json.dumps(summary, indent=2) + "\n")

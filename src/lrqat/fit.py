@@ -174,7 +174,8 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
         base, other, state, merged = base + count * b, other + count * o, state + count * s, merged + count * m
         del linear
     target_ids = {id(p) for _, m in targets for p in m.parameters()}
-    other += sum(p.numel() for p in model.parameters() if id(p) not in target_ids) * dtype_bytes
+    untouched = sum(p.numel() for p in model.parameters() if id(p) not in target_ids) * dtype_bytes
+    other += untouched
     other += sum(b.numel() * b.element_size() for b in model.buffers())  # rotary frequencies
     float_bytes = sum(p.numel() for p in model.parameters()) * dtype_bytes
     if sharded and processes > 1:  # FSDP: every process holds 1/N of the parameters and their state
@@ -190,7 +191,6 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
         setup = RUNTIME_BYTES + 2 * float_bytes + base + state
     finish = 0
     if METHODS[spec.method].quantized:
-        untouched = sum(p.numel() for p in model.parameters() if id(p) not in target_ids) * dtype_bytes
         transients = 3 * largest * 4  # one layer's integers and its packing
         merging = RUNTIME_BYTES + base + other + transients  # trained layers freed as their integer ones arrive
         exporting = RUNTIME_BYTES + 2 * merged + untouched + transients if spec.export else 0
