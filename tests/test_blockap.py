@@ -35,10 +35,13 @@ def test_block_ap_reconstructs_blocks_better_than_rtn_and_leaves_the_float_model
     ranges = init_ranges(model, W3, DEFAULT_TARGETS, "minmax")
     calib = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(0))
     logs = []
-    ptq = PTQSpec(init="block-ap", blockap_epochs=4, blockap_lr=1e-3, blockap_lr_scales=1e-4)
+    ptq = PTQSpec(init="block-ap", blockap_epochs=4, blockap_lr=1e-4, blockap_lr_scales=1e-4)
     new_ranges, integers = calibrated_start("block-ap", model, W3, DEFAULT_TARGETS, ranges, calib, ptq, logs.append)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert set(integers) == {name for name, _ in targets} and len(logs) == 2
+    for line in logs:  # each block's error over all its calibration sequences, before -> after training
+        before_mse, after_mse = (float(x) for x in line.rsplit(" ", 3)[1::2])
+        assert after_mse < before_mse, line
     for name, q in integers.items():
         assert q.min() >= W3.qmin and q.max() <= W3.qmax and torch.equal(q, q.round())
         assert (new_ranges[name][0] > 0).all() and not torch.equal(new_ranges[name][0], ranges[name][0])
