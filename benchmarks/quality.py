@@ -30,7 +30,7 @@ from _results import RESULTS, machine, write_results
 from lrqat.compare import run_compare, shared_stages
 from lrqat.methods import METHODS
 from lrqat.rundir import gap_recovered
-from lrqat.spec import DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
+from lrqat.spec import DTYPES, DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
 
 SETTINGS = {
     "w4-channel-sym": QuantSpec(bits=4, symmetric=True, group_size=None),
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--lr-scales", type=float, default=None,
                         help="AdamW rate of the scales for every method that trains them (PEQA, full QAT, LR-QAT); "
                              "default: each method's own (1e-4)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16",
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16",
                         help="compute dtype of every method (bf16: about 1.9x faster training here, AMX)")
     parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute blocks in the backward pass (off: faster; a 135M model fits without)")

@@ -61,7 +61,7 @@ def blockap_calibrator(quant, ranges: Ranges, epochs: int = 2, lr: float = 1e-5,
         with torch.enable_grad():
             for _ in range(epochs):
                 for j in torch.randperm(len(data.quantized), generator=generator).tolist():
-                    loss = F.mse_loss(call_block(block, data.quantized[j], data.calls[j]), data.float_outputs[j])
+                    loss = sequence_error(block, data, j)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -81,6 +81,11 @@ def reconstruction_error(block: nn.Module, data: BlockData) -> float:
     calibration sequence: before and after training the same sequences, so the two
     figures compare (single minibatch losses do not: sequences differ by a factor of
     ten where a few tokens carry outlier activations)."""
-    errors = [F.mse_loss(call_block(block, data.quantized[j], data.calls[j]), data.float_outputs[j]).item()
-              for j in range(len(data.quantized))]
+    errors = [sequence_error(block, data, j).item() for j in range(len(data.quantized))]
     return sum(errors) / len(errors)
+
+
+def sequence_error(block: nn.Module, data: BlockData, j: int) -> torch.Tensor:
+    """Block-AP's objective on calibration sequence `j`: the mean squared error of the
+    block's output (on the quantized blocks' output) against the float block's."""
+    return F.mse_loss(call_block(block, data.quantized[j], data.calls[j]), data.float_outputs[j])
