@@ -30,6 +30,7 @@ from _results import RESULTS, machine, write_results
 from lrqat.compare import run_compare, shared_stages
 from lrqat.methods import METHODS
 from lrqat.rundir import gap_recovered
+from lrqat.runtime import bf16_is_slow
 from lrqat.spec import DTYPES, DataSpec, PTQSpec, QuantSpec, RunSpec, TrainSpec
 
 SETTINGS = {
@@ -94,7 +95,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
         rows[recipe] = row
     keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
             "context", "eval_data_tokens", "model", "data", "eval_data")
-    return {**{k: reference[k] for k in keep}, "rows": rows}
+    return {**{k: reference[k] for k in keep}, "dtype": args.dtype, "rows": rows}
 
 
 def main() -> None:
@@ -108,14 +109,17 @@ def main() -> None:
     parser.add_argument("--lr-scales", type=float, default=None,
                         help="AdamW rate of the scales for every method that trains them (PEQA, full QAT, LR-QAT); "
                              "default: each method's own (1e-4)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16",
-                        help="compute dtype of every method (bf16: about 1.9x faster training here, AMX)")
+    parser.add_argument("--dtype", choices=(*DTYPES, "auto"), default="auto",
+                        help="compute dtype of every method; auto: bf16 where the CPU has native bf16 (about 1.9x "
+                             "faster training than fp32 with AMX), else fp32 (emulated bf16 is about 100x slower)")
     parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute blocks in the backward pass (off: faster; a 135M model fits without)")
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--output", default="runs/quality")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.dtype == "auto":
+        args.dtype = "fp32" if bf16_is_slow() else "bf16"
 
     started = time.time()
     path = RESULTS / "quality.json"
@@ -156,7 +160,7 @@ def render(record: dict) -> str:
             (f"{s['model']}; held-out {s['data']} split: {s['eval_tokens']} tokens (float {s['ppl_float']:.3f}, "
              f"RTN {s['ppl_rtn']:.3f}, GPTQ {s['ppl_gptq']:.3f}); out of domain, {s['eval_data']}: "
              f"{s['eval_data_tokens']} tokens (float {s['ppl_ood_float']:.3f}, RTN {s['ppl_ood_rtn']:.3f}, GPTQ "
-             f"{s['ppl_ood_gptq']:.3f}). LR-QAT rows: mean ± half the spread over seeds."),
+             f"{s['ppl_ood_gptq']:.3f}). Compute: {s.get('dtype', 'bf16')}. LR-QAT rows: mean ± half the spread over seeds."),
             "",
             "| method | ppl brown | G_RTN | G_GPTQ | ppl sotu | G_RTN sotu | G_GPTQ sotu | train s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|",

@@ -35,6 +35,14 @@ def tiny_model() -> LlamaForCausalLM:
 
 
 @pytest.fixture(autouse=True)
+def native_bf16(monkeypatch):
+    """Tests see bf16 as native whatever CPU runs them (AMX, or emulated on AVX2), so what
+    depends on its speed (teacher dtype, memory advice, warnings) is the same everywhere;
+    tests of the emulated case set the slowdown themselves."""
+    monkeypatch.setattr("lrqat.runtime.bf16_slowdown", lambda: 1.0)
+
+
+@pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Keep tests out of the user's cache unless they use the real built-in assets."""
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

@@ -4,7 +4,8 @@
 temperature T, scaled by T² so gradients keep their size); `ce+kd` mixes the two with
 `--kd-weight`. Teachers:
 - `float`: the float model before quantization (and before rotations and activation
-  quantizers), held in bf16 beside the student: its memory is in the bill.
+  quantizers), held in bf16 beside the student (fp32 on a CPU without native bf16,
+  where a bf16 forward pass is about 100x slower): its memory is in the bill.
 - `phi0`: no extra weights. With φ = fixed8 (or a float φ), s₀·(Φ0 − z) *without*
   rounding is the float weight to within a fraction of a grid step inside the clipping
   range (weights the range init clipped stay clipped), so the student's own layers with
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrqat import activations
+from lrqat import activations, runtime
 from lrqat.errors import LrqatError
 from lrqat.layers import LRQATLinear
 
@@ -191,10 +192,10 @@ class CacheTeacher(Teacher):
 def make_teacher(kind: str, float_model: nn.Module, sequences: Callable[[], list[torch.Tensor]], top_k: int,
                  cache_folder: Path, log: Callable[[str], None] = print) -> Teacher:
     """The teacher `kind` names, made from the float model before any change to it: a
-    bf16 copy (`float`), the student's own Φ0 (`phi0`), or the top-k cache of the
+    bf16 copy (`float`; fp32 where bf16 is emulated), the student's own Φ0 (`phi0`), or the top-k cache of the
     `sequences` the run trains on (`cache`, built once into `cache_folder`)."""
     if kind == "float":
-        return FloatTeacher.of(float_model)
+        return FloatTeacher.of(float_model, runtime.teacher_dtype())
     if kind == "phi0":
         return Phi0Teacher()
     return CacheTeacher.build(float_model, sequences(), top_k, cache_folder, log)

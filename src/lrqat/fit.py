@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from lrqat import runtime
 from lrqat.errors import LrqatError
 from lrqat.layers import QuantLinear
 from lrqat.memory import memory_bill
@@ -181,7 +182,7 @@ def estimate(config: PretrainedConfig, spec: RunSpec, processes: int = 1, sharde
     if sharded and processes > 1:  # FSDP: every process holds 1/N of the parameters and their state
         base, other, state = base // processes, other // processes, state // processes
     largest = max(m.out_features * m.in_features for _, m in targets)
-    teacher = float_bytes // dtype_bytes * 2 if spec.train.loss != "ce" and spec.train.teacher == "float" else 0
+    teacher = float_bytes // dtype_bytes * runtime.teacher_dtype().itemsize if spec.train.loss != "ce" and spec.train.teacher == "float" else 0
     activations = activation_bytes(config, spec, largest, dtype_bytes) if METHODS[spec.method].trained else 0
     if spec.load == "stream":
         setup = RUNTIME_BYTES + base + other + state + 3 * largest * 4
@@ -211,7 +212,7 @@ def check_fits(config: PretrainedConfig, spec: RunSpec, processes: int = 1, shar
         fixes.append("--load stream")
     if spec.method == "lrqat" and spec.lrqat.phi != "int":
         fixes.append("--phi int")
-    if spec.dtype != "bf16":
+    if spec.dtype != "bf16" and not runtime.bf16_is_slow():  # emulated bf16 fits, but takes hours
         fixes.append("--dtype bf16")
     if found.activations > 0.2 * found.peak:
         fixes.append("fewer tokens per micro-batch (--batch-size, --seq-len; --grad-accum keeps the batch)")

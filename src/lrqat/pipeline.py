@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from lrqat import runtime
 from lrqat.blocks import load_token_data
 from lrqat.checkpoint import atomic_write_text
 from lrqat.data import check_source, held_out_blocks
@@ -259,6 +260,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         log = _quiet
     out = check_output(run, resume)
     dtype = spec.torch_dtype
+    if (warning := runtime.slow_dtype_warning(spec.dtype)) is not None:
+        log(warning)
     meter = PhaseMeter()
     streaming = spec.load == "stream"
     with procs.main_process_first():
