@@ -3,7 +3,7 @@ what each teacher costs in memory and time.
 
 For each weight setting: the float model, the `phi0` teacher (LR-QAT's Φ0 in fixed8,
 unrounded, A·B off) and RTN, by perplexity on the held-out Brown split and on the State
-of the Union addresses; the teachers' extra bytes (float: a bf16 copy; phi0: none;
+of the Union addresses; the teachers' extra bytes (float: a bf16 copy, fp32 where bf16 is emulated; phi0: none;
 cache: top-k logits on disk per trained token) and the seconds of one teacher pass over
 a 1 × 256 sequence (median of 5). Writes `benchmarks/results/teacher.{json,md}`.
 
@@ -26,6 +26,7 @@ from lrqat.distill import CacheTeacher, FloatTeacher, Phi0Teacher, phi0_teacher_
 from lrqat.evaluate import perplexity
 from lrqat.methods import DEFAULT_TARGETS, apply_method
 from lrqat.models import load_model
+from lrqat.runtime import teacher_dtype
 from lrqat.spec import LRQATSpec, QuantSpec
 from lrqat.surgery import init_ranges
 
@@ -60,12 +61,12 @@ def main() -> None:
     ids = data.train.first(1)
     record = {"command": command(), "machine": machine(), "note": args.note, "settings": {}}
     record["float"] = {"brown": perplexity(model, data.eval).ppl, "sotu": perplexity(model, sotu).ppl}
-    float_teacher = FloatTeacher.of(model)
+    float_teacher = FloatTeacher.of(model, teacher_dtype())  # as a run holds it: bf16 where native
     with tempfile.TemporaryDirectory() as tmp:
         cache = CacheTeacher.build(model, [ids[0]], args.top_k, Path(tmp) / "cache", log=lambda _: None)
         cache_bytes_per_token = CacheTeacher.size(cache.folder) / (ids.shape[1] - 1)
     record["costs"] = {
-        "float": {"bytes": float_teacher.bytes(), "seconds": seconds(lambda: float_teacher.logits(model, ids))},
+        "float": {"dtype": str(teacher_dtype()).removeprefix("torch."), "bytes": float_teacher.bytes(), "seconds": seconds(lambda: float_teacher.logits(model, ids))},
         "cache": {"bytes_per_trained_token": cache_bytes_per_token, "top_k": args.top_k},
     }
     float_teacher = None  # its memory back before the students load
@@ -104,7 +105,7 @@ def render(r: dict) -> str:
         "",
         "| teacher | extra memory | one pass, 1 × 256 tokens |",
         "|---|---|---|",
-        f"| float (bf16 copy) | {c['float']['bytes'] / 2**20:.1f} MiB | {c['float']['seconds']:.3f} s |",
+        f"| float ({c['float'].get('dtype', 'bfloat16')} copy) | {c['float']['bytes'] / 2**20:.1f} MiB | {c['float']['seconds']:.3f} s |",
         *[f"| phi0 ({name}) | 0 | {s['phi0_seconds']:.3f} s |" for name, s in r["settings"].items()],
         (f"| cache (top-{c['cache']['top_k']}) | 0 in memory; {c['cache']['bytes_per_trained_token']:.0f} bytes per "
         "trained token on disk | read from disk |"),
