@@ -26,7 +26,6 @@ from lrqat.distill import CacheTeacher, FloatTeacher, Phi0Teacher, phi0_teacher_
 from lrqat.evaluate import perplexity
 from lrqat.methods import DEFAULT_TARGETS, apply_method
 from lrqat.models import load_model
-from lrqat.runtime import teacher_dtype
 from lrqat.spec import LRQATSpec, QuantSpec
 from lrqat.surgery import init_ranges
 
@@ -61,12 +60,12 @@ def main() -> None:
     ids = data.train.first(1)
     record = {"command": command(), "machine": machine(), "note": args.note, "settings": {}}
     record["float"] = {"brown": perplexity(model, data.eval).ppl, "sotu": perplexity(model, sotu).ppl}
-    float_teacher = FloatTeacher.of(model, teacher_dtype())  # as a run holds it: bf16 where native
+    float_teacher = FloatTeacher.of(model)  # as a run holds it: bf16 where native, else fp32
     with tempfile.TemporaryDirectory() as tmp:
         cache = CacheTeacher.build(model, [ids[0]], args.top_k, Path(tmp) / "cache", log=lambda _: None)
         cache_bytes_per_token = CacheTeacher.size(cache.folder) / (ids.shape[1] - 1)
     record["costs"] = {
-        "float": {"dtype": str(teacher_dtype()).removeprefix("torch."), "bytes": float_teacher.bytes(), "seconds": seconds(lambda: float_teacher.logits(model, ids))},
+        "float": {"dtype": str(next(float_teacher.model.parameters()).dtype).removeprefix("torch."), "bytes": float_teacher.bytes(), "seconds": seconds(lambda: float_teacher.logits(model, ids))},
         "cache": {"bytes_per_trained_token": cache_bytes_per_token, "top_k": args.top_k},
     }
     float_teacher = None  # its memory back before the students load

@@ -96,10 +96,11 @@ class FloatTeacher(Teacher):
     model: nn.Module
 
     @classmethod
-    def of(cls, float_model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> FloatTeacher:
-        """A frozen copy of the float model in `dtype` (call before rotations, activation
-        quantizers and surgery: it is the model the user started from)."""
-        teacher = copy.deepcopy(float_model).to(dtype).eval()
+    def of(cls, float_model: nn.Module, dtype: torch.dtype | None = None) -> FloatTeacher:
+        """A frozen copy of the float model in `dtype` (default: bf16 where it is native,
+        fp32 where it is emulated; call before rotations, activation quantizers and
+        surgery: it is the model the user started from)."""
+        teacher = copy.deepcopy(float_model).to(runtime.teacher_dtype() if dtype is None else dtype).eval()
         activations.remove(teacher)
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -195,7 +196,7 @@ def make_teacher(kind: str, float_model: nn.Module, sequences: Callable[[], list
     bf16 copy (`float`; fp32 where bf16 is emulated), the student's own Φ0 (`phi0`), or the top-k cache of the
     `sequences` the run trains on (`cache`, built once into `cache_folder`)."""
     if kind == "float":
-        return FloatTeacher.of(float_model, runtime.teacher_dtype())
+        return FloatTeacher.of(float_model)
     if kind == "phi0":
         return Phi0Teacher()
     return CacheTeacher.build(float_model, sequences(), top_k, cache_folder, log)
