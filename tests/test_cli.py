@@ -127,11 +127,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, tiny_model_dir, text_fi
 
 def test_compare_runs_every_method_on_equal_terms(tmp_path, tiny_model_dir, text_file):
     out = tmp_path / "cmp"
-    proc = run_cli("compare", "--methods", "rtn,gptq,peqa,naive-lora,qat,lrqat", "--model", str(tiny_model_dir),
-                   "--data", str(text_file), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-                   "--eval-context", "64", "--eval-tokens", "128", "--rank", "4", "--init", "minmax",
-                   "--calib-tokens", "128", "--output", str(out))
+    args = ("compare", "--methods", "rtn,gptq,peqa,naive-lora,qat,lrqat", "--model", str(tiny_model_dir),
+            "--data", str(text_file), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+            "--eval-context", "64", "--eval-tokens", "128", "--rank", "4", "--init", "minmax",
+            "--calib-tokens", "128", "--output", str(out))
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
+    # A rerun of a finished comparison reuses every method's results instead of recomputing
+    # them (a PTQ method keeps no checkpoint, so without this it would be redone).
+    results = {m: (out / m / "results.json").stat().st_mtime_ns for m in ("rtn", "gptq", "lrqat")}
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("reusing") == 6
+    assert {m: (out / m / "results.json").stat().st_mtime_ns for m in results} == results
     summary = json.loads((out / "compare.json").read_text())
     methods = summary["methods"]
     assert list(methods) == ["rtn", "gptq", "peqa", "naive-lora", "qat", "lrqat"]

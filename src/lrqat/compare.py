@@ -2,7 +2,8 @@
 
 Each method runs as its own `lrqat quantize` process, so its peak memory is its own
 (max RSS on CPU, `torch.cuda.max_memory_allocated` on GPU) and a killed comparison
-resumes method by method. The float and RTN perplexities of the first run are handed
+resumes method by method: a method whose run folder holds finished results under the
+same settings is reused, not rerun. The float and RTN perplexities of the first run are handed
 to the others instead of being recomputed.
 """
 
@@ -20,6 +21,7 @@ from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
 from lrqat.methods import METHODS
+from lrqat.pipeline import finished_with_same_settings
 from lrqat.rundir import RunDir, RunResult, gap_recovered
 from lrqat.spec import RunSpec
 
@@ -59,11 +61,14 @@ def run_compare(spec: RunSpec, methods: list[str], log: Any = print,
         atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
         if shared and not run.stages.exists():
             run.write_stages(shared)
-        log(f"== {method} ==")
-        proc = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--recipe", str(recipe), "--resume"],
-                              check=False)
-        if proc.returncode != 0:
-            raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
+        if finished_with_same_settings(run, RunSpec.from_dict(raw).resolve()):
+            log(f"== {method} == finished before with these settings: reusing {run.results}")
+        else:
+            log(f"== {method} ==")
+            proc = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--recipe", str(recipe), "--resume"],
+                                  check=False)
+            if proc.returncode != 0:
+                raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
         if not shared:
             shared = _shared_of(run)
         rows[method] = run.read_result()

@@ -103,13 +103,26 @@ def check_output(run: ResolvedRun, resume: bool) -> RunDir:
         raise LrqatError(f"--output {out.root} is a file: choose a folder for the run.")
     if out.holds_run() and not resume:
         raise LrqatError(f"output folder {out.root} already holds a run: pass --resume to continue it, or choose another --output.")
-    if resume and out.settings.exists():
-        saved = json.loads(out.settings.read_text())
-        current = json.loads(json.dumps(run.fingerprint))
-        defaults = json.loads(json.dumps(RunSpec().resolve().fingerprint))
-        if not same_settings(saved.get("fingerprint"), current, defaults):
-            raise LrqatError(f"{out.root} holds a run with other settings ({out.settings}): resume with the same settings.")
+    if resume and out.settings.exists() and not holds_same_settings(out, run):
+        raise LrqatError(f"{out.root} holds a run with other settings ({out.settings}): resume with the same settings.")
     return out
+
+
+def holds_same_settings(out: RunDir, run: ResolvedRun) -> bool:
+    """Whether the run folder `out` was started with `run`'s settings (`same_settings`)."""
+    if not out.settings.exists():
+        return False
+    saved = json.loads(out.settings.read_text())
+    current = json.loads(json.dumps(run.fingerprint))
+    defaults = json.loads(json.dumps(RunSpec().resolve().fingerprint))
+    return same_settings(saved.get("fingerprint"), current, defaults)
+
+
+def finished_with_same_settings(out: RunDir, run: ResolvedRun) -> bool:
+    """Whether `out` holds a finished run (its results.json) of `run`'s settings, so a
+    comparison that resumes can reuse it instead of recomputing: a PTQ method (GPTQ,
+    Block-AP) keeps no checkpoint, and would otherwise be redone on every resume."""
+    return out.results.exists() and holds_same_settings(out, run)
 
 
 def claim_output(out: RunDir, run: ResolvedRun) -> None:
