@@ -95,7 +95,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
         rows[recipe] = row
     keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
             "context", "eval_data_tokens", "model", "data", "eval_data")
-    return {**{k: reference[k] for k in keep}, "dtype": args.dtype, "rows": rows}
+    return {**{k: reference[k] for k in keep}, "dtype": args.dtype, "machine": machine(), "rows": rows}
 
 
 def main() -> None:
@@ -126,6 +126,8 @@ def main() -> None:
     record = json.loads(path.read_text()) if path.exists() else {}
     if "commands" not in record:  # results of the earlier layout are replaced
         record = {"settings": {}, "commands": []}
+    for kept in record["settings"].values():  # settings measured before the machine was recorded per setting
+        kept.setdefault("machine", record.get("machine", "not recorded"))
     for name in args.settings.split(","):
         record["settings"][name] = run_setting(name, args)
     command = (f"python benchmarks/quality.py --steps {args.steps} --batch-size {args.batch_size} --seq-len "
@@ -151,7 +153,7 @@ def _cell(row: dict, key: str, digits: int = 3) -> str:
 
 
 def render(record: dict) -> str:
-    lines = ["# Quality benchmark", "", f"Machine: {record['machine']}. Commands (each adds its settings):", "",
+    lines = ["# Quality benchmark", "", "Commands (each adds its settings):", "",
              *[f"- `{c}`" for c in record["commands"]], ""]
     for name, s in record["settings"].items():
         lines += [
@@ -160,7 +162,8 @@ def render(record: dict) -> str:
             (f"{s['model']}; held-out {s['data']} split: {s['eval_tokens']} tokens (float {s['ppl_float']:.3f}, "
              f"RTN {s['ppl_rtn']:.3f}, GPTQ {s['ppl_gptq']:.3f}); out of domain, {s['eval_data']}: "
              f"{s['eval_data_tokens']} tokens (float {s['ppl_ood_float']:.3f}, RTN {s['ppl_ood_rtn']:.3f}, GPTQ "
-             f"{s['ppl_ood_gptq']:.3f}). Compute: {s.get('dtype', 'bf16')}. LR-QAT rows: mean ± half the spread over seeds."),
+             f"{s['ppl_ood_gptq']:.3f}). Compute: {s.get('dtype', 'bf16')} on {s.get('machine', record.get('machine'))}. "
+             "LR-QAT rows: mean ± half the spread over seeds."),
             "",
             "| method | ppl brown | G_RTN | G_GPTQ | ppl sotu | G_RTN sotu | G_GPTQ sotu | train s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|",
