@@ -114,6 +114,28 @@ def test_a_kill_between_the_checkpoint_renames_resumes_from_the_newest(tmp_path)
     assert result.steps == 6 and TrainState.peek_step(tmp_path / CHECKPOINT_NAME) == 6
 
 
+def test_a_resumed_run_reports_the_peak_memory_of_all_its_processes(tmp_path):
+    """The process that trained the first steps peaked higher (here: a planted 1e7 MB)
+    than the one that finishes: the run's peak is the higher one, not the last process's.
+    A checkpoint written before the peak was kept resumes, reporting this process's peak."""
+    from lrqat.checkpoint import load_checkpoint, save_checkpoint
+
+    train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], replace(SPEC, steps=4), tmp_path, FINGERPRINT)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert 0 < state["peak_rss_mb"] < 1e7
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {**state, "peak_rss_mb": 1e7})
+    result = train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, tmp_path, FINGERPRINT, resume=True)
+    assert result.steps == 6 and result.peak_rss_mb == 1e7
+
+    older = tmp_path / "older"
+    train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], replace(SPEC, steps=4), older, FINGERPRINT)
+    state = load_checkpoint(older / CHECKPOINT_NAME)
+    del state["peak_rss_mb"]
+    save_checkpoint(older / CHECKPOINT_NAME, state)
+    result = train(fresh_model(), PackedBlocks(blocks()), blocks()[:1], SPEC, older, FINGERPRINT, resume=True)
+    assert result.steps == 6 and 0 < result.peak_rss_mb < 1e7
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_a_signalled_run_resumes_without_duplicate_metrics(tmp_path, tiny_model_dir, text_file, how):
     """SIGTERM (schedulers, `kill`) checkpoints and exits with one line; SIGKILL before

@@ -182,6 +182,9 @@ class TrainState:
     losses: list[float]
     elapsed: float
     fingerprint: str  # the run's settings as sorted JSON: a checkpoint resumes only under the same
+    # the training's peak memory so far (MB): a resumed run reports the peak of all its
+    # processes, not only of the last one (which may have trained a few steps)
+    peak_rss_mb: float = 0.0
 
     def save(self, folder: Path) -> None:
         """Write this state as the newest checkpoint of `folder`, keeping the one before."""
@@ -202,4 +205,4 @@ class TrainState:
                 f"checkpoint {path} was written by a run with other settings: "
                 "resume with the same settings, or choose a new --output."
             )
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})  # older ones lack peak_rss_mb

@@ -170,6 +170,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.losses: list[float] = []
         self.elapsed = 0.0
+        self.earlier_peak_rss_mb = 0.0
 
     @property
     def checkpoint_path(self) -> Path:
@@ -206,7 +207,12 @@ class Trainer:
         trainable, optimizer = trainable_state(model), optimizer_state(model, self.optimizer)
         if main:
             TrainState(self.step, trainable, optimizer, self.scheduler.state_dict(), self.losses, self.elapsed,
-                       self.fingerprint).save(self.out_dir)
+                       self.fingerprint, self.peak_rss_mb()).save(self.out_dir)
+
+    def peak_rss_mb(self) -> float:
+        """The training's peak memory: this process's since training began, or an earlier
+        process's (before a resume) where that was higher."""
+        return max(self.earlier_peak_rss_mb, peak_memory_mb())
 
     def resume(self) -> None:
         state = TrainState.load(self.checkpoint_path, self.fingerprint)
@@ -217,6 +223,7 @@ class Trainer:
         self.step = self.saved_step = state.step
         self.losses = list(state.losses)
         self.elapsed = state.elapsed
+        self.earlier_peak_rss_mb = state.peak_rss_mb
         self._apply_learning_rates()
         self.truncate_metrics()
 
@@ -353,7 +360,7 @@ class Trainer:
             steps=self.step,
             tokens=self.step * tokens_per_step,
             seconds=round(self.elapsed, 2),
-            peak_rss_mb=round(peak_memory_mb(), 1),
+            peak_rss_mb=round(self.peak_rss_mb(), 1),
             losses=self.losses,
             bill_bytes=memory_bill(self.model, teacher=self.objective.teacher_bytes()).as_bytes(),
             model=self.trained_model(),
