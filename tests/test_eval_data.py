@@ -135,3 +135,23 @@ def test_a_comparison_reuses_the_float_and_rtn_perplexities_another_one_measured
     assert "perplexity lrqat merged" in output.out + output.err  # the method itself is measured
     assert (second["ppl_float"], second["ppl_rtn"], second["ppl_ood_rtn"]) == \
         (first["ppl_float"], first["ppl_rtn"], first["ppl_ood_rtn"])
+
+
+def test_resuming_a_finished_run_returns_its_results_unless_it_asks_for_more(tmp_path, tiny_model_dir, text_file):
+    """A PTQ method keeps no checkpoint: `--resume` on a finished run of the same settings
+    returns its results.json instead of recomputing; one that adds an export still runs."""
+    spec = spec_for(tiny_model_dir, text_file, tmp_path / "run", method="gptq")
+    first = run_quantize(spec, log=lambda _: None)
+    results = RunDir(tmp_path / "run").results
+    written = results.stat().st_mtime_ns
+    said: list[str] = []
+    again = run_quantize(spec, resume=True, log=said.append)
+    assert again == RunDir(tmp_path / "run").read_result() and again.ppl == first.ppl
+    assert results.stat().st_mtime_ns == written
+    assert said and "reusing" in said[0] and len(said) == 1  # nothing was loaded or measured
+    with_export = spec_for(tiny_model_dir, text_file, tmp_path / "run", method="gptq", export=["compressed-tensors"])
+    exported = run_quantize(with_export, resume=True, log=lambda _: None)
+    assert [e["format"] for e in exported.exports] == ["compressed-tensors"]
+    assert exported.ppl["gptq_merged"] == first.ppl["gptq_merged"]
+    assert run_quantize(with_export, resume=True, log=said.append).exports == exported.exports
+    assert "reusing" in said[-1]

@@ -21,7 +21,6 @@ from lrqat.activations import ActSpec
 from lrqat.checkpoint import atomic_write_text
 from lrqat.errors import LrqatError
 from lrqat.methods import METHODS
-from lrqat.pipeline import finished_with_same_settings
 from lrqat.rundir import RunDir, RunResult, gap_recovered
 from lrqat.spec import RunSpec
 
@@ -61,14 +60,11 @@ def run_compare(spec: RunSpec, methods: list[str], log: Any = print,
         atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
         if shared and not run.stages.exists():
             run.write_stages(shared)
-        if finished_with_same_settings(run, RunSpec.from_dict(raw).resolve()):
-            log(f"== {method} == finished before with these settings: reusing {run.results}")
-        else:
-            log(f"== {method} ==")
-            proc = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--recipe", str(recipe), "--resume"],
-                                  check=False)
-            if proc.returncode != 0:
-                raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
+        log(f"== {method} ==")  # a method that finished before with these settings is reused (`finished_result`)
+        proc = subprocess.run([sys.executable, "-m", "lrqat.cli", "quantize", "--recipe", str(recipe), "--resume"],
+                              check=False)
+        if proc.returncode != 0:
+            raise LrqatError(f"method {method} failed (exit {proc.returncode}); rerun the same command to resume.")
         if not shared:
             shared = _shared_of(run)
         rows[method] = run.read_result()

@@ -118,11 +118,21 @@ def holds_same_settings(out: RunDir, run: ResolvedRun) -> bool:
     return same_settings(saved.get("fingerprint"), current, defaults)
 
 
-def finished_with_same_settings(out: RunDir, run: ResolvedRun) -> bool:
-    """Whether `out` holds a finished run (its results.json) of `run`'s settings, so a
-    comparison that resumes can reuse it instead of recomputing: a PTQ method (GPTQ,
-    Block-AP) keeps no checkpoint, and would otherwise be redone on every resume."""
-    return out.results.exists() and holds_same_settings(out, run)
+def finished_result(out: RunDir, run: ResolvedRun) -> RunResult | None:
+    """The results of a finished run in `out` (its results.json, written last) that has
+    `run`'s settings and already holds every evaluation and export `run` asks for, else
+    None. A resumed run returns it instead of recomputing: a PTQ method (GPTQ, Block-AP)
+    keeps no checkpoint and would otherwise be redone, and a finished comparison rerun
+    would redo every method. A resume that adds tasks or exports still runs."""
+    if not (out.results.exists() and holds_same_settings(out, run)):
+        return None
+    done = out.read_result()
+    asked = run.settings["data"]
+    held = done.spec.get("data", {})
+    tasks_held = asked["tasks"] == [] or (set(asked["tasks"]) <= set(held.get("tasks", []))
+                                          and asked["task_limit"] == held.get("task_limit"))
+    exports_held = set(run.spec.export) <= {e.get("format") for e in done.exports}
+    return done if tasks_held and exports_held else None
 
 
 def claim_output(out: RunDir, run: ResolvedRun) -> None:
@@ -272,6 +282,9 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
     if not main:
         log = _quiet
     out = check_output(run, resume)
+    if resume and (done := finished_result(out, run)) is not None:
+        log(f"{out.root} holds a finished run with these settings: reusing {out.results} (delete the folder to redo it)")
+        return done
     dtype = spec.torch_dtype
     if (warning := runtime.slow_dtype_warning(spec.dtype)) is not None:
         log(warning)
