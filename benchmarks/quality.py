@@ -7,7 +7,8 @@ float-LoRA ceiling at equal tokens; LR-QAT again with a second seed; and LR-QAT'
 distillation recipe (`--init gptq --loss ce+kd --teacher float`: GPTQ is the stronger
 calibrated start here (Block-AP at its default budget lands below it), and after a
 calibrated start Φ0 holds the start's integers, so the phi0 teacher would be the start's
-model) with both seeds.
+model) with both seeds; and LR-QAT at rank 128 (the lever that moved W4 per-channel most)
+with both seeds. `--recipes` picks which of these recipes run (plain LR-QAT always does).
 G_RTN and G_GPTQ on both evaluation sets; LR-QAT rows as mean and spread over seeds.
 (g64, not g128: the model's hidden size 576 is not a multiple of 128.) Run folders go
 under `runs/quality/`, so an interrupted benchmark resumes where it stopped; each
@@ -40,10 +41,30 @@ SETTINGS = {
     "w2-g64-asym": QuantSpec(bits=2, symmetric=False, group_size=64),
 }
 BASELINES = ("rtn", "gptq", "block-ap", "peqa", "qat", "lrqat", "float-lora")
-# LR-QAT recipes: name → (changes to the run's PTQ start, changes to its training)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """An LR-QAT recipe as changes to the benchmark's run: its PTQ start, its training and
+    its adapter (the default `lrqat quantize` is the recipe with no changes)."""
+
+    label: str
+    ptq: dict = dataclasses.field(default_factory=dict)
+    train: dict = dataclasses.field(default_factory=dict)
+    lrqat: dict = dataclasses.field(default_factory=dict)
+
+    def apply(self, spec: RunSpec) -> RunSpec:
+        return dataclasses.replace(spec, ptq=dataclasses.replace(spec.ptq, **self.ptq),
+                                   train=dataclasses.replace(spec.train, **self.train),
+                                   lrqat=dataclasses.replace(spec.lrqat, **self.lrqat))
+
+
 RECIPES = {
-    "lrqat": ({}, {}),
-    "lrqat+gptq+kd": ({"init": "gptq"}, {"loss": "ce+kd", "teacher": "float"}),
+    "lrqat": Recipe("LR-QAT (ce)"),
+    "lrqat+gptq+kd": Recipe("LR-QAT, GPTQ init + ce+kd (float teacher)", ptq={"init": "gptq"},
+                            train={"loss": "ce+kd", "teacher": "float"}),
+    # the lever that moved W4 per-channel most (rank 32 → 64 → 128); alpha = rank keeps A·B's scale
+    "lrqat-r128": Recipe("LR-QAT, rank 128 (ce)", lrqat={"rank": 128, "alpha": 128.0}),
 }
 
 
@@ -75,15 +96,13 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
     for method, m in reference["methods"].items():
         if method != "lrqat":
             rows[method] = {**m, **gaps(m, reference), "seeds": [0]}
-    for recipe, (ptq_changes, train_changes) in RECIPES.items():
+    for recipe in args.recipes:
         runs = []
         for seed in args.seeds:
             if recipe == "lrqat" and seed == 0:
                 runs.append(reference["methods"]["lrqat"])
                 continue
-            spec = base_spec(f"{root}/{recipe}-seed{seed}", quant, args, seed)
-            spec = dataclasses.replace(spec, ptq=dataclasses.replace(spec.ptq, **ptq_changes),
-                                       train=dataclasses.replace(spec.train, **train_changes))
+            spec = RECIPES[recipe].apply(base_spec(f"{root}/{recipe}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         per_seed = [{**r, **gaps(r, reference)} for r in runs]
         row = {"seeds": list(args.seeds), "per_seed": per_seed}
@@ -115,9 +134,15 @@ def main() -> None:
     parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute blocks in the backward pass (off: faster; a 135M model fits without)")
     parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help=f"LR-QAT recipes run with every seed, besides the one-seed baselines ({', '.join(RECIPES)})")
     parser.add_argument("--output", default="runs/quality")
     args = parser.parse_args()
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.recipes = args.recipes.split(",")
+    if "lrqat" not in args.recipes or not set(args.recipes) <= set(RECIPES):
+        parser.error(f"--recipes {','.join(args.recipes)}: choose from {', '.join(RECIPES)}, including lrqat "
+                     "(its seed 0 is the comparison's LR-QAT row)")
     if args.dtype == "auto":
         args.dtype = "fp32" if bf16_is_slow() else "bf16"
 
@@ -134,14 +159,14 @@ def main() -> None:
                f"{args.seq_len} --eval-tokens {args.eval_tokens} --calib-tokens {args.calib_tokens} --seeds "
                f"{','.join(map(str, args.seeds))} --dtype {args.dtype} "
                + (f"--lr-scales {args.lr_scales:g} " if args.lr_scales is not None else "") +
-               f"--{'' if args.grad_checkpointing else 'no-'}grad-checkpointing --settings {args.settings}")
+               f"--{'' if args.grad_checkpointing else 'no-'}grad-checkpointing --settings {args.settings} "
+               f"--recipes {','.join(args.recipes)}")
     record["commands"].append(f"{command}  ({round((time.time() - started) / 60, 1)} min)")
     record["machine"] = machine()
     write_results("quality", record, render(record))
 
 
-LABELS = {**{m: METHODS[m].label for m in BASELINES}, "lrqat": "LR-QAT (ce)",
-          "lrqat+gptq+kd": "LR-QAT, GPTQ init + ce+kd (float teacher)"}
+LABELS = {**{m: METHODS[m].label for m in BASELINES}, **{name: r.label for name, r in RECIPES.items()}}
 
 
 def _cell(row: dict, key: str, digits: int = 3) -> str:
