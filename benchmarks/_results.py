@@ -34,8 +34,10 @@ def _processor() -> str:
 
 
 def command() -> str:
-    """The exact command that produced a result."""
-    return "python " + " ".join(sys.argv)
+    """The exact command that produced a result, quoted so it can be pasted back into a shell."""
+    import shlex
+
+    return "python " + shlex.join(sys.argv)
 
 
 def code_version() -> str:

@@ -19,6 +19,7 @@ their mean and spread. Adds SETTING to `benchmarks/results/ood_size.{json,md}`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -26,23 +27,30 @@ import statistics
 import time
 from pathlib import Path
 
+import yaml
 from _results import RESULTS, code_version, command, machine, write_results
 
+from lrqat.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from lrqat.data import held_out_blocks
 from lrqat.evaluate import Perplexity, perplexity
 from lrqat.export.native import load_quantized
+from lrqat.methods import apply_lora
 from lrqat.models import load_model
 from lrqat.rundir import gap_recovered
+from lrqat.spec import RunSpec
 
 BENCHMARK_WINDOWS = 4  # quality.py's --eval-tokens 4096 at a context of 1,024
 CONTEXT = 1024
 
 
 def find_runs(setting: Path) -> dict[str, list[Path]]:
-    """Row label → run folders (one per seed) of the setting's finished runs."""
+    """Row label → run folders (one per seed) of the setting's finished runs: those with a
+    merged model, and the float-LoRA reference (which keeps only its adapter checkpoint)."""
     rows: dict[str, list[Path]] = {}
-    for model_dir in sorted(setting.glob("**/model/quantization.json")):
-        run = model_dir.parent.parent
+    finished = [m.parent.parent for m in setting.glob("**/model/quantization.json")]
+    if (setting / "baselines" / "float-lora" / "results.json").is_file():
+        finished.append(setting / "baselines" / "float-lora")
+    for run in sorted(finished):
         relative = run.relative_to(setting)
         if relative.parts[0] == "baselines":
             label = relative.parts[1]
@@ -50,6 +58,26 @@ def find_runs(setting: Path) -> dict[str, list[Path]]:
             label = re.sub(r"-seed\d+$", "", relative.parts[0])
         rows.setdefault(label, []).append(run)
     return rows
+
+
+def load_run(run: Path, float_model) -> object:
+    """The run's trained model: its merged integer model, or for float LoRA the float model
+    with the finished run's adapters."""
+    if (run / "model" / "quantization.json").is_file():
+        return load_quantized(run / "model")
+    spec = RunSpec.from_dict(yaml.safe_load((run / "recipe.yaml").read_text()))
+    state = load_checkpoint(run / "checkpoint.pt")
+    if spec.method != "float-lora" or state["step"] != spec.train.steps:
+        raise SystemExit(f"{run}: neither a merged model nor a finished float-LoRA run")
+    model = apply_lora(copy.deepcopy(float_model), spec.lrqat, spec.train.seed, spec.targets)
+    load_trainable_state(model, state["trainable"])
+    return model
+
+
+def trained_at(run: Path) -> int:
+    """When the run's model was last written (a retrained run is evaluated again)."""
+    merged = run / "model" / "model.safetensors"
+    return (merged if merged.is_file() else run / "checkpoint.pt").stat().st_mtime_ns
 
 
 def combined(a: Perplexity, b: Perplexity) -> Perplexity:
@@ -80,18 +108,26 @@ def main() -> None:
         parser.error(f"{args.setting} has no finished baselines/rtn and baselines/gptq: run benchmarks/quality.py first")
     for extra in args.extra:
         label, _, run = extra.partition("=")
-        if not run or not (Path(run) / "model" / "quantization.json").is_file():
+        if not run or not (Path(run) / "model" / "quantization.json").is_file():  # float LoRA: in SETTING only
             parser.error(f"--extra {extra!r}: give LABEL=RUN with RUN a finished run folder (holding model/)")
         rows[label] = [Path(run)]
 
     started = time.time()
     model, tokenizer = load_model("smollm2-135m")
     blocks = held_out_blocks(tokenizer, "sotu", CONTEXT, args.tokens)
-    measured = {"float": [evaluate(model, blocks)]}
-    for label, runs in rows.items():
+    # per-run figures are kept in the setting's folder, so a rerun (after more runs finish,
+    # or after being stopped) evaluates only what is new
+    cache_path = args.setting / f"ood_size_{args.tokens}.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    measured = {}
+    for label, runs in {"float": [None], **rows}.items():
         measured[label] = []
         for run in runs:
-            measured[label].append({**evaluate(load_quantized(run / "model"), blocks), "run": str(run)})
+            key = "float" if run is None else f"{run.resolve()}@{trained_at(run)}"
+            if key not in cache:
+                cache[key] = evaluate(model if run is None else load_run(run, model), blocks)
+                atomic_write_text(cache_path, json.dumps(cache, indent=1))
+            measured[label].append({**cache[key], "run": None if run is None else str(run)})
             print(label, measured[label][-1], flush=True)
 
     ref = {size: {m: measured[m][0][f"ppl_{size}"] for m in ("float", "rtn", "gptq")} for size in ("small", "large")}
