@@ -63,3 +63,13 @@ def write_results(name: str, record: dict[str, Any], table: str) -> None:
     (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table)
     print(table)
+
+
+def cell(row: dict, key: str, digits: int = 3) -> str:
+    """A table cell: ROW[KEY] with `digits` decimals, ± half of ROW[KEY_spread] where there
+    is one (LR-QAT rows over seeds), "n/a" where the value is missing."""
+    value = row.get(key)
+    if value is None:
+        return "n/a"
+    spread = row.get(f"{key}_spread")
+    return f"{value:.{digits}f}" + (f" ±{spread / 2:.{digits}f}" if spread else "")

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _results import RESULTS, code_version, command, machine, write_results
+from _results import RESULTS, cell, code_version, command, machine, write_results
 
 from lrqat.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from lrqat.data import held_out_blocks
@@ -153,15 +153,6 @@ def main() -> None:
     write_results("ood_size", record, render(record))
 
 
-def _ppl(row: dict, size: str) -> str:
-    spread = row[f"ppl_{size}_spread"]
-    return f"{row[f'ppl_{size}']:.3f}" + (f" ±{spread / 2:.3f}" if spread else "")
-
-
-def _g(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def render(record: dict) -> str:
     lines = ["# Out-of-domain set size", "",
              ("Merged models of finished quality-benchmark runs, re-evaluated on the State of the Union addresses: "
@@ -173,8 +164,8 @@ def render(record: dict) -> str:
                    "G_GPTQ | seeds |"),
                   "|---|---|---|---|---|---|---|---|"]
         for label, row in s["rows"].items():
-            lines.append(f"| {label} | {_ppl(row, 'small')} | {_g(row['g_rtn_small'])} | {_g(row['g_gptq_small'])} | "
-                         f"{_ppl(row, 'large')} | {_g(row['g_rtn_large'])} | {_g(row['g_gptq_large'])} | "
+            lines.append(f"| {label} | {cell(row, 'ppl_small')} | {cell(row, 'g_rtn_small')} | {cell(row, 'g_gptq_small')} | "
+                         f"{cell(row, 'ppl_large')} | {cell(row, 'g_rtn_large')} | {cell(row, 'g_gptq_large')} | "
                          f"{len(row['runs'])} |")
         lines.append("")
     return "\n".join(lines)

@@ -26,7 +26,7 @@ import json
 import statistics
 import time
 
-from _results import RESULTS, machine, write_results
+from _results import RESULTS, cell, machine, write_results
 
 from lrqat.compare import run_compare, shared_stages
 from lrqat.methods import METHODS
@@ -169,14 +169,6 @@ def main() -> None:
 LABELS = {**{m: METHODS[m].label for m in BASELINES}, **{name: r.label for name, r in RECIPES.items()}}
 
 
-def _cell(row: dict, key: str, digits: int = 3) -> str:
-    value = row.get(key)
-    if value is None:
-        return "n/a"
-    spread = row.get(f"{key}_spread")
-    return f"{value:.{digits}f}" + (f" ±{spread / 2:.{digits}f}" if spread else "")
-
-
 def render(record: dict) -> str:
     lines = ["# Quality benchmark", "", "Commands (each adds its settings):", "",
              *[f"- `{c}`" for c in record["commands"]], ""]
@@ -194,9 +186,9 @@ def render(record: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, row in s["rows"].items():
-            lines.append(f"| {LABELS[method]} | {_cell(row, 'ppl')} | {_cell(row, 'g_rtn')} | {_cell(row, 'g_gptq')} | "
-                         f"{_cell(row, 'ppl_ood')} | {_cell(row, 'ood_g_rtn')} | {_cell(row, 'ood_g_gptq')} | "
-                         f"{_cell(row, 'train_seconds', 0)} | {_cell(row, 'peak_memory_mb', 0)} |")
+            lines.append(f"| {LABELS[method]} | {cell(row, 'ppl')} | {cell(row, 'g_rtn')} | {cell(row, 'g_gptq')} | "
+                         f"{cell(row, 'ppl_ood')} | {cell(row, 'ood_g_rtn')} | {cell(row, 'ood_g_gptq')} | "
+                         f"{cell(row, 'train_seconds', 0)} | {cell(row, 'peak_memory_mb', 0)} |")
         lines.append("")
     return "\n".join(lines)
 
