@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import statistics
 import time
@@ -32,7 +31,7 @@ from _results import RESULTS, cell, code_version, command, machine, write_result
 
 from lrqat.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from lrqat.data import held_out_blocks
-from lrqat.evaluate import Perplexity, perplexity
+from lrqat.evaluate import NLL, Perplexity, perplexity
 from lrqat.export.native import load_quantized
 from lrqat.methods import apply_lora
 from lrqat.models import load_model
@@ -81,10 +80,8 @@ def trained_at(run: Path) -> int:
 
 
 def combined(a: Perplexity, b: Perplexity) -> Perplexity:
-    """The perplexity of two disjoint sets of windows together."""
-    tokens = a.tokens + b.tokens
-    nll = (a.nll * a.tokens + b.nll * b.tokens) / tokens
-    return Perplexity(ppl=math.exp(nll), nll=nll, tokens=tokens, context=a.context)
+    """The perplexity of two disjoint sets of windows together (their summed NLL)."""
+    return NLL(total=a.nll * a.tokens + b.nll * b.tokens, tokens=a.tokens + b.tokens).perplexity(a.context)
 
 
 def evaluate(model, blocks) -> dict:
