@@ -73,7 +73,7 @@ def base_spec(output: str, quant: QuantSpec, args: argparse.Namespace, seed: int
         output=output, quant=quant, dtype=args.dtype, ptq=PTQSpec(calib_tokens=args.calib_tokens),
         train=TrainSpec(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, save_every=10, seed=seed,
                         grad_checkpointing=args.grad_checkpointing, lr_scales=args.lr_scales),
-        data=DataSpec(eval_tokens=args.eval_tokens, eval_source="sotu"),
+        data=DataSpec(eval_tokens=args.eval_tokens, eval_source="sotu", eval_data_tokens=args.ood_tokens),
     )
 
 
@@ -85,6 +85,19 @@ def gaps(row: dict, ref: dict) -> dict:
         "ood_g_rtn": gap_recovered(ref["ppl_ood_float"], ref["ppl_ood_rtn"], row["ppl_ood"]),
         "ood_g_gptq": gap_recovered(ref["ppl_ood_float"], ref["ppl_ood_gptq"], row["ppl_ood"]),
     }
+
+
+def over_seeds(runs: list[dict], reference: dict, seeds: list[int]) -> dict:
+    """One table row from a recipe's runs (one per seed): each run with its gaps, and the
+    mean and spread (max − min) of every figure over the seeds."""
+    per_seed = [{**r, **gaps(r, reference)} for r in runs]
+    row = {"seeds": list(seeds), "per_seed": per_seed}
+    for key in ("ppl", "ppl_ood", "g_rtn", "g_gptq", "ood_g_rtn", "ood_g_gptq", "train_seconds", "peak_memory_mb",
+                "train_tokens"):
+        values = [r[key] for r in per_seed if r.get(key) is not None]
+        row[key] = statistics.mean(values) if values else None
+        row[f"{key}_spread"] = (max(values) - min(values)) if len(values) > 1 else 0.0
+    return row
 
 
 def run_setting(name: str, args: argparse.Namespace) -> dict:
@@ -104,25 +117,21 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
                 continue
             spec = RECIPES[recipe].apply(base_spec(f"{root}/{recipe}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
-        per_seed = [{**r, **gaps(r, reference)} for r in runs]
-        row = {"seeds": list(args.seeds), "per_seed": per_seed}
-        for key in ("ppl", "ppl_ood", "g_rtn", "g_gptq", "ood_g_rtn", "ood_g_gptq", "train_seconds", "peak_memory_mb",
-                    "train_tokens"):
-            values = [r[key] for r in per_seed if r.get(key) is not None]
-            row[key] = statistics.mean(values) if values else None
-            row[f"{key}_spread"] = (max(values) - min(values)) if len(values) > 1 else 0.0
-        rows[recipe] = row
+        rows[recipe] = over_seeds(runs, reference, args.seeds)
     keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
             "context", "eval_data_tokens", "model", "data", "eval_data")
     return {**{k: reference[k] for k in keep}, "dtype": args.dtype, "machine": machine(), "rows": rows}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    """The budget and evaluation flags every quality run shares (also `levers.py`'s)."""
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps of every trained method")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--ood-tokens", type=int, default=65536,
+                        help="tokens of the out-of-domain set (sotu): 64 windows; 4 windows ranked methods by noise "
+                             "(benchmarks/results/ood_size.md)")
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--lr-scales", type=float, default=None,
@@ -133,6 +142,17 @@ def main() -> None:
                              "faster training than fp32 with AMX), else fp32 (emulated bf16 is about 100x slower)")
     parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                         help="recompute blocks in the backward pass (off: faster; a 135M model fits without)")
+
+
+def resolve_dtype(args: argparse.Namespace) -> None:
+    """`--dtype auto`: bf16 where the CPU computes it natively, else fp32."""
+    if args.dtype == "auto":
+        args.dtype = "fp32" if bf16_is_slow() else "bf16"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_budget_flags(parser)
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--recipes", default=",".join(RECIPES),
                         help=f"LR-QAT recipes run with every seed, besides the one-seed baselines ({', '.join(RECIPES)})")
@@ -143,8 +163,7 @@ def main() -> None:
     if "lrqat" not in args.recipes or not set(args.recipes) <= set(RECIPES):
         parser.error(f"--recipes {','.join(args.recipes)}: choose from {', '.join(RECIPES)}, including lrqat "
                      "(its seed 0 is the comparison's LR-QAT row)")
-    if args.dtype == "auto":
-        args.dtype = "fp32" if bf16_is_slow() else "bf16"
+    resolve_dtype(args)
 
     started = time.time()
     path = RESULTS / "quality.json"
@@ -156,7 +175,7 @@ def main() -> None:
     for name in args.settings.split(","):
         record["settings"][name] = run_setting(name, args)
     command = (f"python benchmarks/quality.py --steps {args.steps} --batch-size {args.batch_size} --seq-len "
-               f"{args.seq_len} --eval-tokens {args.eval_tokens} --calib-tokens {args.calib_tokens} --seeds "
+               f"{args.seq_len} --eval-tokens {args.eval_tokens} --ood-tokens {args.ood_tokens} --calib-tokens {args.calib_tokens} --seeds "
                f"{','.join(map(str, args.seeds))} --dtype {args.dtype} "
                + (f"--lr-scales {args.lr_scales:g} " if args.lr_scales is not None else "") +
                f"--{'' if args.grad_checkpointing else 'no-'}grad-checkpointing --settings {args.settings} "

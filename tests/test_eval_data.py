@@ -53,9 +53,11 @@ def test_held_out_blocks_take_every_document_in_a_fixed_mixed_order(tiny_model_d
 
 def test_runs_report_out_of_domain_perplexity_and_both_gaps(tmp_path, tiny_model_dir, text_file, other_text):
     result = run_quantize(spec_for(tiny_model_dir, text_file, tmp_path / "run", **{
-        "data.eval_source": str(other_text), "ptq.gptq_baseline": True}), log=lambda _: None)
-    assert set(result.ppl_ood) == {"float", "rtn", "gptq", "lrqat", "lrqat_merged"}
-    assert result.ppl_ood["lrqat_merged"] == pytest.approx(result.ppl_ood["lrqat"], rel=1e-4)
+        "data.eval_source": str(other_text), "data.eval_data_tokens": 192, "ptq.gptq_baseline": True}),
+        log=lambda _: None)
+    # the training-time model is scored out of domain through its merged model only (merging is exact)
+    assert set(result.ppl_ood) == {"float", "rtn", "gptq", "lrqat_merged"}
+    assert result.merged_vs_training_rel_diff < 1e-4
     assert result.ppl_ood["float"] != result.ppl["float"]  # another text, another perplexity
     gaps = result.gaps
     merged = result.ppl["lrqat_merged"]
@@ -64,9 +66,27 @@ def test_runs_report_out_of_domain_perplexity_and_both_gaps(tmp_path, tiny_model
     ood = result.ppl_ood
     assert gaps["ood_g_gptq"] == pytest.approx((ood["gptq"] - ood["lrqat_merged"]) / (ood["gptq"] - ood["float"]))
     saved = RunDir(tmp_path / "run").read_result()
-    assert saved.gaps == gaps and saved.eval_data == str(other_text) and saved.eval_data_tokens == 2 * 63
+    assert saved.gaps == gaps and saved.eval_data == str(other_text)
+    # the out-of-domain set has its own size (3 windows of 64), the held-out split keeps --eval-tokens (2)
+    assert saved.eval_data_tokens == 3 * 63 and saved.eval_tokens == 2 * 63
     report = (tmp_path / "run" / "report.md").read_text()
     assert "(out of domain)" in report and "Gap recovered over GPTQ" in report
+
+
+@pytest.mark.parametrize("data, needle", [
+    ({"eval_data_tokens": 4096}, "no --eval-data is given"),
+    ({"eval_source": "sotu", "eval_context": 64, "eval_data_tokens": 32}, "fewer than one eval context"),
+])
+def test_a_bad_out_of_domain_size_is_refused_early(data, needle):
+    with pytest.raises(LrqatError, match=needle):
+        RunSpec.from_dict({"data": data}).validate()
+
+
+def test_the_out_of_domain_size_defaults_to_the_held_out_one():
+    data = RunSpec.from_dict({"data": {"eval_source": "sotu", "eval_tokens": 2048}}).data
+    assert data.out_of_domain_tokens == 2048
+    assert RunSpec.from_dict({"data": {"eval_source": "sotu", "eval_data_tokens": 65536}}).data.out_of_domain_tokens \
+        == 65536
 
 
 def test_a_gptq_baseline_is_not_the_start_of_lr_qat(tmp_path, tiny_model_dir, text_file):

@@ -38,6 +38,7 @@ _FLAG_FIELDS = {
     "eval_data": ("data", "eval_source"),
     "eval_context": ("data", "eval_context"),
     "eval_tokens": ("data", "eval_tokens"),
+    "eval_data_tokens": ("data", "eval_data_tokens"),
     "task_limit": ("data", "task_limit"),
     "bits": ("quant", "bits"),
     "init": ("ptq", "init"),
@@ -171,6 +172,8 @@ def add_run_flags(q: argparse.ArgumentParser) -> None:
     q.add_argument("--clip", type=float, help="gradient-norm clipping (0 turns it off)")
     q.add_argument("--eval-context", type=int, help="tokens per eval window")
     q.add_argument("--eval-tokens", type=int, help="held-out tokens to evaluate on")
+    q.add_argument("--eval-data-tokens", type=int, help="tokens of the --eval-data corpus to evaluate on (default: "
+                   "as many as --eval-tokens; a larger set ranks methods more reliably out of domain)")
     q.add_argument("--eval-every", type=int, help="quick eval every N steps (0: off)")
     q.add_argument("--save-every", type=int, help="checkpoint every N steps")
     q.add_argument("--seed", type=int, help="seed of data order and adapter init")

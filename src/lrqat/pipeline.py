@@ -331,7 +331,8 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
 
     held_out = None
     if spec.data.eval_source is not None:
-        held_out = held_out_blocks(tokenizer, spec.data.eval_source, spec.data.eval_context, spec.data.eval_tokens)
+        held_out = held_out_blocks(tokenizer, spec.data.eval_source, spec.data.eval_context,
+                                   spec.data.out_of_domain_tokens)
         log(f"out-of-domain eval: {spec.data.eval_source}, {held_out.shape[0]} windows of {held_out.shape[1]}")
     ppl_ood: dict[str, float] = {}
 
@@ -341,12 +342,13 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         log(f"perplexity {name}: {ppl:.3f} ({time.perf_counter() - started:.0f} s)")
         return ppl
 
-    def measure(key: str, name: str, m: torch.nn.Module, staged: bool = True) -> float:
-        """The held-out split's perplexity (returned) and, with --eval-data, the
-        out-of-domain one (into `ppl_ood`); finished ones are kept as stages."""
+    def measure(key: str, name: str, m: torch.nn.Module, staged: bool = True, out_of_domain: bool = True) -> float:
+        """The held-out split's perplexity (returned) and, with --eval-data and
+        `out_of_domain`, the out-of-domain one (into `ppl_ood`); finished ones are kept
+        as stages."""
         ppl = (stages.get(f"ppl_{key}", partial(evaluate, name, m, data.eval)) if staged
                else evaluate(name, m, data.eval))
-        if held_out is not None:
+        if held_out is not None and out_of_domain:
             ood_name = f"{name} [{spec.data.eval_source}]"
             ppl_ood[key] = (stages.get(f"ood_ppl_{key}", partial(evaluate, ood_name, m, held_out)) if staged
                             else evaluate(ood_name, m, held_out))
@@ -422,7 +424,11 @@ def run_quantize(spec: RunSpec, resume: bool = False, log: Callable[[str], None]
         if model is None:  # FSDP: the trained model is gathered in the main process only, which finishes the run
             procs.wait_for_everyone()
             return RunResult.from_dict(json.loads(out.results.read_text()))
-        ppl_trained = measure(method.name, f"{method.name} (training-time)", model, staged=False)
+        # a quantized method's training-time model is scored out of domain through its merged
+        # model only: merging is exact (checked on the held-out split below), and a large
+        # --eval-data set would otherwise be scored twice per run
+        ppl_trained = measure(method.name, f"{method.name} (training-time)", model, staged=False,
+                              out_of_domain=not method.quantized)
         meter.end("train")
         if method.quantized:
             merge_model(model)

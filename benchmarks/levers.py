@@ -1,0 +1,133 @@
+"""Levers: an LR-QAT recipe of the quality benchmark with one or more settings changed,
+each run against the same float, RTN and GPTQ references, on the held-out Brown split and
+on the out-of-domain set (sotu, 64 windows by default), with the unchanged recipe beside
+them as the control.
+
+Why: a lever is believed only against its control measured the same way, on the same
+machine, in the same run of this script; the quality table is too costly to rerun for
+each idea (hours per setting on 2 cores).
+
+    .venv/bin/python benchmarks/levers.py --setting w4-channel-sym --base lrqat+gptq+kd \\
+        --lever train.loss=kd --lever "train.kd_weight=0.8" --lever "train.kd_temperature=2" --seeds 0
+
+A lever is `SECTION.FIELD=VALUE`, several joined by `;` (`"lrqat.rank=128;lrqat.alpha=128"`);
+SECTION is `ptq`, `train` or `lrqat`, and VALUE is read as YAML (`0.8` a number, `kd` a
+word). Run folders go under `OUTPUT/SETTING/` (the references under `reference/`, each
+lever under `BASE[LEVER]-seedN/`), so an interrupted run resumes where it stopped. The
+figures are written to `benchmarks/results/levers.{json,md}` after every run, keyed by
+setting, steps and base recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+import yaml
+from _results import RESULTS, cell, code_version, command, machine, write_results
+from quality import RECIPES, SETTINGS, Recipe, add_budget_flags, base_spec, over_seeds, resolve_dtype
+
+from lrqat.compare import run_compare, shared_stages
+from lrqat.errors import LrqatError
+
+SECTIONS = ("ptq", "train", "lrqat")
+
+
+def parse_lever(text: str) -> dict[str, dict]:
+    """`"train.loss=kd;train.kd_weight=1"` → `{"train": {"loss": "kd", "kd_weight": 1}}`."""
+    changes: dict[str, dict] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        key, sep, value = part.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in SECTIONS or not name:
+            raise LrqatError(f"lever {part!r}: write SECTION.FIELD=VALUE with SECTION one of {', '.join(SECTIONS)} "
+                             "(e.g. train.kd_weight=0.8); join several with ';'.")
+        changes.setdefault(section, {})[name] = yaml.safe_load(value)
+    return changes
+
+
+def with_lever(base: Recipe, lever: str) -> Recipe:
+    """The base recipe with the lever's changes on top (the lever wins where both set a field)."""
+    changes = parse_lever(lever)
+    merged = {s: {**getattr(base, s), **changes.get(s, {})} for s in SECTIONS}
+    return Recipe(f"{base.label} + {lever}" if lever else base.label, **merged)
+
+
+def folder_name(base: str, lever: str) -> str:
+    """A run folder's name from its recipe and lever (`lrqat+gptq+kd[train.loss=kd]`)."""
+    return base + (f"[{re.sub(r'[^A-Za-z0-9.=_+-]+', '_', lever)}]" if lever else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_budget_flags(parser)
+    parser.set_defaults(seeds="0")
+    parser.add_argument("--setting", choices=list(SETTINGS), default="w4-channel-sym")
+    parser.add_argument("--base", choices=list(RECIPES), default="lrqat", help="the recipe the levers change")
+    parser.add_argument("--lever", action="append", default=[],
+                        help="SECTION.FIELD=VALUE[;SECTION.FIELD=VALUE...] (repeat for several levers)")
+    parser.add_argument("--no-control", action="store_true",
+                        help="skip the unchanged base recipe (only when its runs already sit in the output folder)")
+    parser.add_argument("--output", default="runs/levers")
+    args = parser.parse_args()
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    resolve_dtype(args)
+    try:  # every lever is checked before hours of training start
+        recipes = {lever: with_lever(RECIPES[args.base], lever) for lever in ([] if args.no_control else [""])
+                   + args.lever}
+        for lever, recipe in recipes.items():
+            recipe.apply(base_spec("check", SETTINGS[args.setting], args, 0)).validate()
+    except (LrqatError, TypeError) as error:
+        parser.error(f"{error}")
+
+    started = time.time()
+    quant = SETTINGS[args.setting]
+    root = f"{args.output}/{args.setting}"
+    reference = run_compare(base_spec(f"{root}/reference", quant, args, 0), ["gptq"])
+    measured = shared_stages(f"{root}/reference")
+    path = RESULTS / "levers.json"
+    record = json.loads(path.read_text()) if path.exists() else {"tables": {}}
+    key = f"{args.setting}, {args.steps} steps, base {args.base}"
+    keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
+            "eval_data_tokens")
+    table = record["tables"].setdefault(key, {"rows": {}})
+    table.update({k: reference[k] for k in keep})
+    table.update(dtype=args.dtype, machine=machine(), code=code_version())
+    for lever, recipe in recipes.items():
+        runs = []
+        for seed in args.seeds:
+            spec = recipe.apply(base_spec(f"{root}/{folder_name(args.base, lever)}-seed{seed}", quant, args, seed))
+            runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
+        table["rows"][lever or "none (control)"] = over_seeds(runs, reference, args.seeds)
+        table["command"] = f"{command()}  ({round((time.time() - started) / 60, 1)} min)"
+        write_results("levers", record, render(record))
+
+
+def render(record: dict) -> str:
+    lines = ["# Levers", "", ("Each table: one base recipe with one change per row, against the same references, "
+                              "run by the command under it. Rows: mean ± half the spread over the seeds listed."), ""]
+    for key, t in record["tables"].items():
+        lines += [
+            f"## {key}",
+            "",
+            (f"`{t['command']}`; {t['dtype']} on {t['machine']}, code {t['code']}. Held-out Brown: {t['eval_tokens']} "
+             f"tokens (float {t['ppl_float']:.3f}, RTN {t['ppl_rtn']:.3f}, GPTQ {t['ppl_gptq']:.3f}); sotu: "
+             f"{t['eval_data_tokens']} tokens (float {t['ppl_ood_float']:.3f}, RTN {t['ppl_ood_rtn']:.3f}, GPTQ "
+             f"{t['ppl_ood_gptq']:.3f})."),
+            "",
+            "| lever | seeds | ppl brown | G_GPTQ | ppl sotu | G_RTN sotu | G_GPTQ sotu | train s | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for lever, row in t["rows"].items():
+            name = lever if lever.startswith("none") else f"`{lever}`"
+            lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {cell(row, 'ppl')} | {cell(row, 'g_gptq')} "
+                         f"| {cell(row, 'ppl_ood')} | {cell(row, 'ood_g_rtn')} | {cell(row, 'ood_g_gptq')} | "
+                         f"{cell(row, 'train_seconds', 0)} | {cell(row, 'peak_memory_mb', 0)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
