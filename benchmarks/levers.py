@@ -15,7 +15,8 @@ SECTION is `ptq`, `train` or `lrqat`, and VALUE is read as YAML (`0.8` a number,
 word). Run folders go under `OUTPUT/SETTING/` (the references under `reference/`, each
 lever under `BASE[LEVER]-seedN/`), so an interrupted run resumes where it stopped. The
 figures are written to `benchmarks/results/levers.{json,md}` after every run, keyed by
-setting, steps and base recipe.
+setting, steps and base recipe; a later command adds its levers to the same table
+(`--no-control` when the control already ran).
 """
 
 from __future__ import annotations
@@ -95,24 +96,29 @@ def main() -> None:
     table = record["tables"].setdefault(key, {"rows": {}})
     table.update({k: reference[k] for k in keep})
     table.update(dtype=args.dtype, machine=machine(), code=code_version())
+    commands = table.setdefault("commands", [])
+    commands.append("")
     for lever, recipe in recipes.items():
         runs = []
         for seed in args.seeds:
             spec = recipe.apply(base_spec(f"{root}/{folder_name(args.base, lever)}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         table["rows"][lever or "none (control)"] = over_seeds(runs, reference, args.seeds)
-        table["command"] = f"{command()}  ({round((time.time() - started) / 60, 1)} min)"
+        commands[-1] = f"{command()}  ({round((time.time() - started) / 60, 1)} min)"
         write_results("levers", record, render(record))
 
 
 def render(record: dict) -> str:
     lines = ["# Levers", "", ("Each table: one base recipe with one change per row, against the same references, "
-                              "run by the command under it. Rows: mean ± half the spread over the seeds listed."), ""]
+                              "run by the commands under its heading (each adds rows; a run folder a command finds "
+                              "finished is reused). Rows: mean ± half the spread over the seeds listed."), ""]
     for key, t in record["tables"].items():
         lines += [
             f"## {key}",
             "",
-            (f"`{t['command']}`; {t['dtype']} on {t['machine']}, code {t['code']}. Held-out Brown: {t['eval_tokens']} "
+            *[f"- `{c}`" for c in t["commands"]],
+            "",
+            (f"{t['dtype']} on {t['machine']}, code {t['code']}. Held-out Brown: {t['eval_tokens']} "
              f"tokens (float {t['ppl_float']:.3f}, RTN {t['ppl_rtn']:.3f}, GPTQ {t['ppl_gptq']:.3f}); sotu: "
              f"{t['eval_data_tokens']} tokens (float {t['ppl_ood_float']:.3f}, RTN {t['ppl_ood_rtn']:.3f}, GPTQ "
              f"{t['ppl_ood_gptq']:.3f})."),

@@ -1,6 +1,7 @@
 """Quality benchmark: every method on the built-in model and corpus at W4 per-channel sym,
 W4 g64 asym, W3 g64 asym and W2 g64 asym, measured on the held-out Brown split and on
-the State of the Union addresses (`--eval-data sotu`, which no method trains on).
+the State of the Union addresses (`--eval-data sotu`, which no method trains on; 64
+windows of 1,024 tokens by default, `--ood-tokens`: 4 windows ranked methods by noise).
 
 Per setting: one `lrqat compare` of RTN, GPTQ, Block-AP, PEQA, full QAT, LR-QAT and the
 float-LoRA ceiling at equal tokens; LR-QAT again with a second seed; and LR-QAT's

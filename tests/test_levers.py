@@ -1,0 +1,44 @@
+"""The lever benchmark's input: a lever names settings of the run it changes, and a bad
+one is refused before hours of training start."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+
+from levers import folder_name, parse_lever, with_lever
+from quality import RECIPES, SETTINGS, base_spec
+
+from lrqat.errors import LrqatError
+
+
+def test_a_lever_is_read_as_typed_settings():
+    assert parse_lever("train.loss=kd; train.kd_weight=0.8;lrqat.rank=128") == {
+        "train": {"loss": "kd", "kd_weight": 0.8}, "lrqat": {"rank": 128}}
+
+
+def test_a_lever_changes_the_base_recipe_and_keeps_the_rest():
+    recipe = with_lever(RECIPES["lrqat+gptq+kd"], "train.kd_weight=0.8")
+    assert recipe.ptq == {"init": "gptq"}
+    assert recipe.train == {"loss": "ce+kd", "teacher": "float", "kd_weight": 0.8}
+    assert with_lever(RECIPES["lrqat"], "") == RECIPES["lrqat"]
+    assert folder_name("lrqat+gptq+kd", "train.seq_len=1024;train.batch_size=1") == \
+        "lrqat+gptq+kd[train.seq_len=1024_train.batch_size=1]"
+
+
+@pytest.mark.parametrize("lever", ["kd_weight=0.8", "train.kd_weight", "data.eval_tokens=4", "train.=1"])
+def test_a_malformed_lever_is_refused_with_the_form_to_use(lever):
+    with pytest.raises(LrqatError, match="SECTION.FIELD=VALUE"):
+        parse_lever(lever)
+
+
+def test_a_lever_on_an_unknown_field_fails_before_training():
+    args = argparse.Namespace(calib_tokens=512, dtype="fp32", steps=2, batch_size=1, seq_len=64,
+                              grad_checkpointing=False, lr_scales=None, eval_tokens=1024, ood_tokens=1024)
+    with pytest.raises(TypeError, match="kd_wieght"):
+        with_lever(RECIPES["lrqat"], "train.kd_wieght=0.8").apply(base_spec("x", SETTINGS["w4-channel-sym"], args, 0))
