@@ -65,6 +65,11 @@ def write_results(name: str, record: dict[str, Any], table: str) -> None:
     print(table)
 
 
+def cells(row: dict, *columns: str | tuple[str, int]) -> str:
+    """Table cells of ROW joined by " | ": each column a key (3 decimals) or (key, digits)."""
+    return " | ".join(cell(row, c) if isinstance(c, str) else cell(row, *c) for c in columns)
+
+
 def cell(row: dict, key: str, digits: int = 3) -> str:
     """A table cell: ROW[KEY] with `digits` decimals, ± half of ROW[KEY_spread] where there
     is one (LR-QAT rows over seeds), "n/a" where the value is missing."""

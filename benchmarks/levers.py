@@ -27,8 +27,8 @@ import re
 import time
 
 import yaml
-from _results import RESULTS, cell, code_version, command, machine, write_results
-from quality import RECIPES, SETTINGS, Recipe, add_budget_flags, base_spec, over_seeds, resolve_dtype
+from _results import RESULTS, cells, code_version, command, machine, write_results
+from quality import QUALITY_COLUMNS, RECIPES, SETTINGS, Recipe, add_budget_flags, base_spec, over_seeds, resolve_dtype
 
 from lrqat.compare import run_compare, shared_stages
 from lrqat.errors import LrqatError
@@ -128,9 +128,7 @@ def render(record: dict) -> str:
         ]
         for lever, row in t["rows"].items():
             name = lever if lever.startswith("none") else f"`{lever}`"
-            lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {cell(row, 'ppl')} | {cell(row, 'g_gptq')} "
-                         f"| {cell(row, 'ppl_ood')} | {cell(row, 'ood_g_rtn')} | {cell(row, 'ood_g_gptq')} | "
-                         f"{cell(row, 'train_seconds', 0)} | {cell(row, 'peak_memory_mb', 0)} |")
+            lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {cells(row, 'ppl', *QUALITY_COLUMNS)} |")
         lines.append("")
     return "\n".join(lines)
 

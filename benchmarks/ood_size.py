@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import yaml
-from _results import RESULTS, cell, code_version, command, machine, write_results
+from _results import RESULTS, cells, code_version, command, machine, write_results
 
 from lrqat.checkpoint import atomic_write_text, load_checkpoint, load_trainable_state
 from lrqat.data import held_out_blocks
@@ -161,9 +161,8 @@ def render(record: dict) -> str:
                    "G_GPTQ | seeds |"),
                   "|---|---|---|---|---|---|---|---|"]
         for label, row in s["rows"].items():
-            lines.append(f"| {label} | {cell(row, 'ppl_small')} | {cell(row, 'g_rtn_small')} | {cell(row, 'g_gptq_small')} | "
-                         f"{cell(row, 'ppl_large')} | {cell(row, 'g_rtn_large')} | {cell(row, 'g_gptq_large')} | "
-                         f"{len(row['runs'])} |")
+            sizes = [f"{k}_{size}" for size in ("small", "large") for k in ("ppl", "g_rtn", "g_gptq")]
+            lines.append(f"| {label} | {cells(row, *sizes)} | {len(row['runs'])} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ import json
 import statistics
 import time
 
-from _results import RESULTS, cell, machine, write_results
+from _results import RESULTS, cells, machine, write_results
 
 from lrqat.compare import run_compare, shared_stages
 from lrqat.methods import METHODS
@@ -41,6 +41,8 @@ SETTINGS = {
     "w3-g64-asym": QuantSpec(bits=3, symmetric=False, group_size=64),
     "w2-g64-asym": QuantSpec(bits=2, symmetric=False, group_size=64),
 }
+# the columns every quality table shows after the held-out split's perplexity and G_RTN
+QUALITY_COLUMNS = ("g_gptq", "ppl_ood", "ood_g_rtn", "ood_g_gptq", ("train_seconds", 0), ("peak_memory_mb", 0))
 BASELINES = ("rtn", "gptq", "block-ap", "peqa", "qat", "lrqat", "float-lora")
 
 
@@ -206,9 +208,7 @@ def render(record: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for method, row in s["rows"].items():
-            lines.append(f"| {LABELS[method]} | {cell(row, 'ppl')} | {cell(row, 'g_rtn')} | {cell(row, 'g_gptq')} | "
-                         f"{cell(row, 'ppl_ood')} | {cell(row, 'ood_g_rtn')} | {cell(row, 'ood_g_gptq')} | "
-                         f"{cell(row, 'train_seconds', 0)} | {cell(row, 'peak_memory_mb', 0)} |")
+            lines.append(f"| {LABELS[method]} | {cells(row, 'ppl', 'g_rtn', *QUALITY_COLUMNS)} |")
         lines.append("")
     return "\n".join(lines)
 
