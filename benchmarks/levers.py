@@ -28,7 +28,17 @@ import time
 
 import yaml
 from _results import RESULTS, cells, code_version, command, machine, write_results
-from quality import QUALITY_COLUMNS, RECIPES, SETTINGS, Recipe, add_budget_flags, base_spec, over_seeds, resolve_dtype
+from quality import (
+    QUALITY_COLUMNS,
+    RECIPES,
+    SETTINGS,
+    Recipe,
+    add_budget_flags,
+    base_spec,
+    over_seeds,
+    reference_figures,
+    resolve_dtype,
+)
 
 from lrqat.compare import run_compare, shared_stages
 from lrqat.errors import LrqatError
@@ -91,10 +101,8 @@ def main() -> None:
     path = RESULTS / "levers.json"
     record = json.loads(path.read_text()) if path.exists() else {"tables": {}}
     key = f"{args.setting}, {args.steps} steps, base {args.base}"
-    keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
-            "eval_data_tokens")
     table = record["tables"].setdefault(key, {"rows": {}})
-    table.update({k: reference[k] for k in keep})
+    table.update(reference_figures(reference))
     table.update(dtype=args.dtype, machine=machine(), code=code_version())
     commands = table.setdefault("commands", [])
     commands.append("")

@@ -103,6 +103,14 @@ def over_seeds(runs: list[dict], reference: dict, seeds: list[int]) -> dict:
     return row
 
 
+def reference_figures(reference: dict) -> dict:
+    """What a table keeps of its reference comparison: float, RTN and GPTQ on both sets,
+    and what was measured on what."""
+    keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
+            "context", "eval_data_tokens", "model", "data", "eval_data")
+    return {k: reference[k] for k in keep}
+
+
 def run_setting(name: str, args: argparse.Namespace) -> dict:
     quant = SETTINGS[name]
     root = f"{args.output}/{name}"
@@ -121,9 +129,7 @@ def run_setting(name: str, args: argparse.Namespace) -> dict:
             spec = RECIPES[recipe].apply(base_spec(f"{root}/{recipe}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         rows[recipe] = over_seeds(runs, reference, args.seeds)
-    keep = ("ppl_float", "ppl_rtn", "ppl_gptq", "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq", "eval_tokens",
-            "context", "eval_data_tokens", "model", "data", "eval_data")
-    return {**{k: reference[k] for k in keep}, "dtype": args.dtype, "machine": machine(), "rows": rows}
+    return {**reference_figures(reference), "dtype": args.dtype, "machine": machine(), "rows": rows}
 
 
 def add_budget_flags(parser: argparse.ArgumentParser) -> None:
