@@ -13,7 +13,7 @@ each idea (hours per setting on 2 cores).
 A lever is `SECTION.FIELD=VALUE`, several joined by `;` (`"lrqat.rank=128;lrqat.alpha=128"`);
 SECTION is `ptq`, `train` or `lrqat`, and VALUE is read as YAML (`0.8` a number, `kd` a
 word). Run folders go under `OUTPUT/SETTING/` (the references under `reference/`, each
-lever under `BASE[LEVER]-seedN/`), so an interrupted run resumes where it stopped. The
+lever under `BASE[LEVER]-seedN/`, `BASE[LEVER]-320steps-seedN/` at another step budget), so an interrupted run resumes where it stopped. The
 figures are written to `benchmarks/results/levers.{json,md}` after every run, keyed by
 setting, steps and base recipe; a later command adds its levers to the same table
 (`--no-control` when the control already ran).
@@ -42,6 +42,7 @@ from quality import (
 
 from lrqat.compare import run_compare, shared_stages
 from lrqat.errors import LrqatError
+from lrqat.spec import QuantSpec, RunSpec
 
 SECTIONS = ("ptq", "train", "lrqat")
 
@@ -66,9 +67,18 @@ def with_lever(base: Recipe, lever: str) -> Recipe:
     return Recipe(f"{base.label} + {lever}" if lever else base.label, **merged)
 
 
-def folder_name(base: str, lever: str) -> str:
-    """A run folder's name from its recipe and lever (`lrqat+gptq+kd[train.loss=kd]`)."""
-    return base + (f"[{re.sub(r'[^A-Za-z0-9.=_+-]+', '_', lever)}]" if lever else "")
+def folder_name(base: str, lever: str, steps: int | None = None) -> str:
+    """A run folder's name from its recipe, lever and step budget (`lrqat+gptq+kd[train.loss=kd]`,
+    `lrqat+gptq-320steps`; `steps` None: the default budget, named by nothing)."""
+    return (base + (f"[{re.sub(r'[^A-Za-z0-9.=_+-]+', '_', lever)}]" if lever else "")
+            + (f"-{steps}steps" if steps is not None else ""))
+
+
+def reference_spec(root: str, quant: QuantSpec, args: argparse.Namespace, steps: int) -> RunSpec:
+    """The run of the shared references (float, RTN, GPTQ) under `root`. They train nothing,
+    so their spec takes a fixed step count: one reference folder serves tables of every
+    step budget instead of refusing to resume under a changed `--steps`."""
+    return base_spec(f"{root}/reference", quant, argparse.Namespace(**{**vars(args), "steps": steps}), 0)
 
 
 def main() -> None:
@@ -96,7 +106,7 @@ def main() -> None:
     started = time.time()
     quant = SETTINGS[args.setting]
     root = f"{args.output}/{args.setting}"
-    reference = run_compare(base_spec(f"{root}/reference", quant, args, 0), ["gptq"])
+    reference = run_compare(reference_spec(root, quant, args, parser.get_default("steps")), ["gptq"])
     measured = shared_stages(f"{root}/reference")
     path = RESULTS / "levers.json"
     record = json.loads(path.read_text()) if path.exists() else {"tables": {}}
@@ -109,7 +119,8 @@ def main() -> None:
     for lever, recipe in recipes.items():
         runs = []
         for seed in args.seeds:
-            spec = recipe.apply(base_spec(f"{root}/{folder_name(args.base, lever)}-seed{seed}", quant, args, seed))
+            folder = folder_name(args.base, lever, None if args.steps == parser.get_default("steps") else args.steps)
+            spec = recipe.apply(base_spec(f"{root}/{folder}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         table["rows"][lever or "none (control)"] = over_seeds(runs, reference, args.seeds)
         commands[-1] = f"{command()}  ({round((time.time() - started) / 60, 1)} min)"

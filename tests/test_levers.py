@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from levers import folder_name, parse_lever, with_lever
+from levers import folder_name, parse_lever, reference_spec, with_lever
 from quality import RECIPES, SETTINGS, base_spec
 
 from lrqat.errors import LrqatError
@@ -29,6 +29,7 @@ def test_a_lever_changes_the_base_recipe_and_keeps_the_rest():
     assert with_lever(RECIPES["lrqat"], "") == RECIPES["lrqat"]
     assert folder_name("lrqat+gptq+kd", "train.seq_len=1024;train.batch_size=1") == \
         "lrqat+gptq+kd[train.seq_len=1024_train.batch_size=1]"
+    assert folder_name("lrqat+gptq", "", 320) == "lrqat+gptq-320steps"  # apart from the default budget's runs
 
 
 @pytest.mark.parametrize("lever", ["kd_weight=0.8", "train.kd_weight", "data.eval_tokens=4", "train.=1"])
@@ -42,3 +43,14 @@ def test_a_lever_on_an_unknown_field_fails_before_training():
                               grad_checkpointing=False, lr_scales=None, eval_tokens=1024, ood_tokens=1024)
     with pytest.raises(TypeError, match="kd_wieght"):
         with_lever(RECIPES["lrqat"], "train.kd_wieght=0.8").apply(base_spec("x", SETTINGS["w4-channel-sym"], args, 0))
+
+
+def test_one_reference_folder_serves_every_step_budget():
+    """The references train nothing: a 320-step table reuses the 80-step table's folder,
+    whose settings must match for the run to be resumed rather than refused."""
+    def spec(steps: int):
+        args = argparse.Namespace(calib_tokens=512, dtype="fp32", steps=steps, batch_size=4, seq_len=256,
+                                  grad_checkpointing=False, lr_scales=None, eval_tokens=1024, ood_tokens=1024)
+        return reference_spec("root", SETTINGS["w4-channel-sym"], args, 80)
+    assert spec(320) == spec(80)
+    assert spec(320).train.steps == 80 and spec(320).output == "root/reference"
