@@ -12,8 +12,9 @@ each idea (hours per setting on 2 cores).
 
 A lever is `SECTION.FIELD=VALUE`, several joined by `;` (`"lrqat.rank=128;lrqat.alpha=128"`);
 SECTION is `ptq`, `train` or `lrqat`, and VALUE is read as YAML (`0.8` a number, `kd` a
-word). Run folders go under `OUTPUT/SETTING/` (the references under `reference/`, each
-lever under `BASE[LEVER]-seedN/`, `BASE[LEVER]-320steps-seedN/` at another step budget), so an interrupted run resumes where it stopped. The
+word). Run folders go under `OUTPUT/SETTING/` (the references under `reference/`, shared by
+every step budget; each lever under `BASE[LEVER]-seedN/`, or `BASE[LEVER]-320steps-seedN/` at
+a budget other than the default), so an interrupted run resumes where it stopped. The
 figures are written to `benchmarks/results/levers.{json,md}` after every run, keyed by
 setting, steps and base recipe; a later command adds its levers to the same table
 (`--no-control` when the control already ran).
