@@ -107,7 +107,8 @@ def main() -> None:
     started = time.time()
     quant = SETTINGS[args.setting]
     root = f"{args.output}/{args.setting}"
-    reference = run_compare(reference_spec(root, quant, args, parser.get_default("steps")), ["gptq"])
+    default_steps = parser.get_default("steps")
+    reference = run_compare(reference_spec(root, quant, args, default_steps), ["gptq"])
     measured = shared_stages(f"{root}/reference")
     path = RESULTS / "levers.json"
     record = json.loads(path.read_text()) if path.exists() else {"tables": {}}
@@ -120,7 +121,7 @@ def main() -> None:
     for lever, recipe in recipes.items():
         runs = []
         for seed in args.seeds:
-            folder = folder_name(args.base, lever, None if args.steps == parser.get_default("steps") else args.steps)
+            folder = folder_name(args.base, lever, None if args.steps == default_steps else args.steps)
             spec = recipe.apply(base_spec(f"{root}/{folder}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         table["rows"][lever or "none (control)"] = over_seeds(runs, reference, args.seeds)
