@@ -150,6 +150,10 @@ def main() -> None:
     write_results("ood_size", record, render(record))
 
 
+# the figures of one row, on the small set then the large one
+SIZED_COLUMNS = tuple(f"{k}_{size}" for size in ("small", "large") for k in ("ppl", "g_rtn", "g_gptq"))
+
+
 def render(record: dict) -> str:
     lines = ["# Out-of-domain set size", "",
              ("Merged models of finished quality-benchmark runs, re-evaluated on the State of the Union addresses: "
@@ -161,8 +165,7 @@ def render(record: dict) -> str:
                    "G_GPTQ | seeds |"),
                   "|---|---|---|---|---|---|---|---|"]
         for label, row in s["rows"].items():
-            sizes = [f"{k}_{size}" for size in ("small", "large") for k in ("ppl", "g_rtn", "g_gptq")]
-            lines.append(f"| {label} | {cells(row, *sizes)} | {len(row['runs'])} |")
+            lines.append(f"| {label} | {cells(row, *SIZED_COLUMNS)} | {len(row['runs'])} |")
         lines.append("")
     return "\n".join(lines)
 

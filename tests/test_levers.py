@@ -38,9 +38,14 @@ def test_a_malformed_lever_is_refused_with_the_form_to_use(lever):
         parse_lever(lever)
 
 
-def test_a_lever_on_an_unknown_field_fails_before_training():
-    args = argparse.Namespace(calib_tokens=512, dtype="fp32", steps=2, batch_size=1, seq_len=64,
+def budget(steps: int, batch_size: int = 4, seq_len: int = 256) -> argparse.Namespace:
+    """The budget flags `base_spec` reads, as `add_budget_flags` parses them."""
+    return argparse.Namespace(calib_tokens=512, dtype="fp32", steps=steps, batch_size=batch_size, seq_len=seq_len,
                               grad_checkpointing=False, lr_scales=None, eval_tokens=1024, ood_tokens=1024)
+
+
+def test_a_lever_on_an_unknown_field_fails_before_training():
+    args = budget(2, batch_size=1, seq_len=64)
     with pytest.raises(TypeError, match="kd_wieght"):
         with_lever(RECIPES["lrqat"], "train.kd_wieght=0.8").apply(base_spec("x", SETTINGS["w4-channel-sym"], args, 0))
 
@@ -49,8 +54,6 @@ def test_one_reference_folder_serves_every_step_budget():
     """The references train nothing: a 320-step table reuses the 80-step table's folder,
     whose settings must match for the run to be resumed rather than refused."""
     def spec(steps: int):
-        args = argparse.Namespace(calib_tokens=512, dtype="fp32", steps=steps, batch_size=4, seq_len=256,
-                                  grad_checkpointing=False, lr_scales=None, eval_tokens=1024, ood_tokens=1024)
-        return reference_spec("root", SETTINGS["w4-channel-sym"], args, 80)
+        return reference_spec("root", SETTINGS["w4-channel-sym"], budget(steps), 80)
     assert spec(320) == spec(80)
     assert spec(320).train.steps == 80 and spec(320).output == "root/reference"
