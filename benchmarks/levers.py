@@ -17,7 +17,8 @@ every step budget; each lever under `BASE[LEVER]-seedN/`, or `BASE[LEVER]-320ste
 a budget other than the default), so an interrupted run resumes where it stopped. The
 figures are written to `benchmarks/results/levers.{json,md}` after every run, keyed by
 setting, steps and base recipe; a later command adds its levers to the same table
-(`--no-control` when the control already ran).
+(`--no-control` when the control already ran), and a seed not rerun keeps its earlier run, so
+`--seeds 1` after `--seeds 0` leaves a row of both.
 """
 
 from __future__ import annotations
@@ -75,6 +76,17 @@ def folder_name(base: str, lever: str, steps: int | None = None) -> str:
             + (f"-{steps}steps" if steps is not None else ""))
 
 
+def with_earlier_seeds(row: dict | None, seeds: list[int], runs: list[dict]) -> tuple[list[int], list[dict]]:
+    """The seeds and runs of a row once this command's runs join those an earlier command
+    measured (a second seed in a later session adds to the row instead of replacing it;
+    a seed run again replaces its earlier run). Gaps are recomputed against this command's
+    references, so a table's rows share one reference."""
+    merged = dict(zip(row["seeds"], row["per_seed"])) if row else {}
+    merged.update(zip(seeds, runs))
+    order = sorted(merged)
+    return order, [merged[seed] for seed in order]
+
+
 def reference_spec(root: str, quant: QuantSpec, args: argparse.Namespace, steps: int) -> RunSpec:
     """The run of the shared references (float, RTN, GPTQ) under `root`. They train nothing,
     so their spec takes a fixed step count: one reference folder serves tables of every
@@ -124,7 +136,9 @@ def main() -> None:
             folder = folder_name(args.base, lever, None if args.steps == default_steps else args.steps)
             spec = recipe.apply(base_spec(f"{root}/{folder}-seed{seed}", quant, args, seed))
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
-        table["rows"][lever or "none (control)"] = over_seeds(runs, reference, args.seeds)
+        name = lever or "none (control)"
+        seeds, runs = with_earlier_seeds(table["rows"].get(name), args.seeds, runs)
+        table["rows"][name] = over_seeds(runs, reference, seeds)
         commands[-1] = f"{command()}  ({round((time.time() - started) / 60, 1)} min)"
         write_results("levers", record, render(record))
 

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from levers import folder_name, parse_lever, reference_spec, with_lever
+from levers import folder_name, parse_lever, reference_spec, with_earlier_seeds, with_lever
 from quality import RECIPES, SETTINGS, base_spec
 
 from lrqat.errors import LrqatError
@@ -57,3 +57,10 @@ def test_one_reference_folder_serves_every_step_budget():
         return reference_spec("root", SETTINGS["w4-channel-sym"], budget(steps), 80)
     assert spec(320) == spec(80)
     assert spec(320).train.steps == 80 and spec(320).output == "root/reference"
+
+
+def test_a_later_seed_joins_the_row_and_a_rerun_seed_replaces_its_run():
+    row = {"seeds": [0], "per_seed": [{"ppl_ood": 30.0}]}
+    assert with_earlier_seeds(row, [1], [{"ppl_ood": 31.0}]) == ([0, 1], [{"ppl_ood": 30.0}, {"ppl_ood": 31.0}])
+    assert with_earlier_seeds(row, [0], [{"ppl_ood": 29.0}]) == ([0], [{"ppl_ood": 29.0}])
+    assert with_earlier_seeds(None, [2, 1], [{"a": 2}, {"a": 1}]) == ([1, 2], [{"a": 1}, {"a": 2}])
