@@ -39,7 +39,7 @@ $(VENV)/.llamacpp: $(BIN)/lrqat
 
 # Files spread over the cores (pytest-xdist; a file's module fixtures stay in one worker).
 test: setup lint $(VENV)/.llamacpp
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=20
 
 clean:
 	rm -rf $(VENV) runs
