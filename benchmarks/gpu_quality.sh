@@ -13,32 +13,39 @@
 # Figures land in benchmarks/results/levers.{json,md} (part 1, machine named) and
 # benchmarks/results/qat-w3-g64-2560steps-gpu.{json,md} (part 2); copies go to $OUT.
 # Budget: unmeasured on a GPU; a 135M model at 4 x 256 tokens per step should take well
-# under 0.2 s per step, so about 5-8 minutes per part. STEPS (default 2560) shortens it.
+# under 0.2 s per step, so about 5-8 minutes per part. STEPS (default 2560) shortens it;
+# a CPU smoke run of every command: STEPS=2 OOD_TOKENS=2048 REQUIRE_GPU=0 (results then
+# land in the same files: restore them with git checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 STEPS=${STEPS:-2560}
+OOD_TOKENS=${OOD_TOKENS:-65536}
 OUT=${OUT:-runs/gpu_quality_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv
-$PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+if [ "${REQUIRE_GPU:-1}" = 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total --format=csv
+    $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+else
+    gpu="CPU smoke run"
+fi
 
 start=$(date +%s)
 $PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "$STEPS" --seeds 0 --dtype bf16 \
-    --output runs/gpu_levers
+    --ood-tokens "$OOD_TOKENS" --output runs/gpu_levers
 cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
 echo "part 1: $(( $(date +%s) - start )) s"
 
 start=$(date +%s)
 $PY -m lrqat.cli compare --methods qat --gptq-baseline --bits 3 --asymmetric --granularity group \
     --group-size 64 --steps "$STEPS" --batch-size 4 --seq-len 256 --eval-tokens 4096 --eval-data sotu \
-    --eval-data-tokens 65536 --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3
+    --eval-data-tokens "$OOD_TOKENS" --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3
 seconds=$(( $(date +%s) - start ))
 name=qat-w3-g64-${STEPS}steps-gpu
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 { echo "<!-- command: lrqat compare --methods qat --gptq-baseline --bits 3 --asymmetric --granularity group" \
        "--group-size 64 --steps $STEPS --batch-size 4 --seq-len 256 --eval-tokens 4096 --eval-data sotu" \
-       "--eval-data-tokens 65536 --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3" \
+       "--eval-data-tokens $OOD_TOKENS --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3" \
        "($seconds s incl. references; $gpu; code $(git rev-parse --short HEAD)) -->"
   cat runs/gpu_qat_w3/compare.md; } > "benchmarks/results/$name.md"
 cp runs/gpu_qat_w3/compare.json "benchmarks/results/$name.json"
