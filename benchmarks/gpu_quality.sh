@@ -8,8 +8,9 @@
 #      0.896 at 1280 in both seeds; the trend of +0.3 perplexity per doubling says ~30.5,
 #      just past the 30.61 the target needs with the CPU's references.)
 #   2. Full QAT at the same setting and budget, the control "beats full QAT" needs.
-# Expected: part 1 sotu ppl about 30.4-30.6 (G_RTN 0.90-0.91); part 2 unknown (at 320
-# steps, fp32: full QAT 32.185 against LR-QAT 32.190).
+# Expected: part 1 sotu ppl about 30.4-30.6 (G_RTN 0.90-0.91); part 2 below part 1 if the
+# CPU trend holds (320 steps, fp32: full QAT 32.185 against LR-QAT 32.190; 640 steps, bf16:
+# full QAT 30.668 against LR-QAT 31.277).
 # Figures land in benchmarks/results/levers.{json,md} (part 1, machine named) and
 # benchmarks/results/qat-w3-g64-2560steps-gpu.{json,md} (part 2); copies go to $OUT.
 # Budget: unmeasured on a GPU; a 135M model at 4 x 256 tokens per step should take well
@@ -24,9 +25,9 @@ OOD_TOKENS=${OOD_TOKENS:-65536}
 OUT=${OUT:-runs/gpu_quality_out}
 mkdir -p "$OUT"
 if [ "${REQUIRE_GPU:-1}" = 1 ]; then
-    nvidia-smi --query-gpu=name,memory.total --format=csv
+    gpu=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)
+    echo "$gpu"
     $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
-    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 else
     gpu="CPU smoke run"
 fi
@@ -37,16 +38,16 @@ $PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "$STEPS" --s
 cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
 echo "part 1: $(( $(date +%s) - start )) s"
 
+# Part 2's flags are written once: the run and the results file's command line both use them.
+compare_args=(--methods qat --gptq-baseline --bits 3 --asymmetric --granularity group --group-size 64
+    --steps "$STEPS" --batch-size 4 --seq-len 256 --eval-tokens 4096 --eval-data sotu
+    --eval-data-tokens "$OOD_TOKENS" --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3)
 start=$(date +%s)
-$PY -m lrqat.cli compare --methods qat --gptq-baseline --bits 3 --asymmetric --granularity group \
-    --group-size 64 --steps "$STEPS" --batch-size 4 --seq-len 256 --eval-tokens 4096 --eval-data sotu \
-    --eval-data-tokens "$OOD_TOKENS" --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3
+$PY -m lrqat.cli compare "${compare_args[@]}"
 seconds=$(( $(date +%s) - start ))
 name=qat-w3-g64-${STEPS}steps-gpu
-{ echo "<!-- command: lrqat compare --methods qat --gptq-baseline --bits 3 --asymmetric --granularity group" \
-       "--group-size 64 --steps $STEPS --batch-size 4 --seq-len 256 --eval-tokens 4096 --eval-data sotu" \
-       "--eval-data-tokens $OOD_TOKENS --calib-tokens 8192 --dtype bf16 --no-grad-checkpointing -o runs/gpu_qat_w3" \
-       "($seconds s incl. references; $gpu; code $(git rev-parse --short HEAD)) -->"
+{ echo "<!-- command: lrqat compare ${compare_args[*]} ($seconds s incl. references; $gpu;" \
+       "code $(git rev-parse --short HEAD)) -->"
   cat runs/gpu_qat_w3/compare.md; } > "benchmarks/results/$name.md"
 cp runs/gpu_qat_w3/compare.json "benchmarks/results/$name.json"
 cp "benchmarks/results/$name.md" "benchmarks/results/$name.json" "$OUT"/
