@@ -16,7 +16,10 @@
 # Budget: unmeasured on a GPU; a 135M model at 4 x 256 tokens per step should take well
 # under 0.2 s per step, so about 5-8 minutes per part. STEPS (default 2560) shortens it;
 # a CPU smoke run of every command: STEPS=2 OOD_TOKENS=2048 REQUIRE_GPU=0 (results then
-# land in the same files: restore them with git checkout).
+# land in the same files: restore them with git checkout). PART=1 or PART=2 runs one part
+# (default: both): a device call is capped at 600 s, so where both do not fit one call run
+# them as two (a part cut off resumes from its run folder's checkpoint when rerun on the same
+# warm machine; a fresh machine starts it again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,11 +35,17 @@ else
     gpu="CPU smoke run"
 fi
 
+PART=${PART:-all}
+case "$PART" in all | 1 | 2) ;; *) echo "PART=$PART: choose 1, 2 or all" >&2; exit 2 ;; esac
+
+if [ "$PART" != 2 ]; then
 start=$(date +%s)
 $PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "$STEPS" --seeds 0 --dtype bf16 \
     --ood-tokens "$OOD_TOKENS" --output runs/gpu_levers
 cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
 echo "part 1: $(( $(date +%s) - start )) s"
+fi
+[ "$PART" = 1 ] && exit 0
 
 # Part 2's flags are written once: the run and the results file's command line both use them.
 compare_args=(--methods qat --gptq-baseline --bits 3 --asymmetric --granularity group --group-size 64
