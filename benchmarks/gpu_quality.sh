@@ -8,18 +8,23 @@
 #      0.896 at 1280 in both seeds; the trend of +0.3 perplexity per doubling says ~30.5,
 #      just past the 30.61 the target needs with the CPU's references.)
 #   2. Full QAT at the same setting and budget, the control "beats full QAT" needs.
+#   3. LR-QAT with distillation from the float teacher (ce+kd) at W3 g64, 640 steps, seeds
+#      0 and 1: is its lead over full QAT beyond the seed spread? (CPU, bf16, seed 0: sotu
+#      30.513, G_RTN 0.902, against full QAT's 30.668 at the same 640 steps.)
 # Expected: part 1 sotu ppl about 30.4-30.6 (G_RTN 0.90-0.91); part 2 below part 1 if the
 # CPU trend holds (320 steps, fp32: full QAT 32.185 against LR-QAT 32.190; 640 steps, bf16:
-# full QAT 30.668 against LR-QAT 31.277).
-# Figures land in benchmarks/results/levers.{json,md} (part 1, machine named) and
+# full QAT 30.668 against LR-QAT 31.277); part 3 about 30.5 in both seeds, and below part 2's
+# 640-step counterpart on the CPU (30.668) if the lead holds.
+# Figures land in benchmarks/results/levers.{json,md} (parts 1 and 3, machine named) and
 # benchmarks/results/qat-w3-g64-2560steps-gpu.{json,md} (part 2); copies go to $OUT.
 # Budget: unmeasured on a GPU; a 135M model at 4 x 256 tokens per step should take well
 # under 0.2 s per step, so about 5-8 minutes per part. STEPS (default 2560) shortens it;
 # a CPU smoke run of every command: STEPS=2 OOD_TOKENS=2048 REQUIRE_GPU=0 (results then
-# land in the same files: restore them with git checkout). PART=1 or PART=2 runs one part
-# (default: both): a device call is capped at 600 s, so where both do not fit one call run
-# them as two (a part cut off resumes from its run folder's checkpoint when rerun on the same
-# warm machine; a fresh machine starts it again).
+# land in the same files: restore them with git checkout; add KD_STEPS=2, part 3's budget,
+# default 640). PART=1, 2 or 3 runs one part (default: all, in the order 1, 3, 2: the cheap
+# distillation seeds before full QAT): a device call is capped at 600 s, so where the parts
+# do not fit one call run them one per call (a part cut off resumes from its run folder's
+# checkpoint when rerun on the same warm machine; a fresh machine starts it again).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -36,16 +41,23 @@ else
 fi
 
 PART=${PART:-all}
-case "$PART" in all | 1 | 2) ;; *) echo "PART=$PART: choose 1, 2 or all" >&2; exit 2 ;; esac
+case "$PART" in all | 1 | 2 | 3) ;; *) echo "PART=$PART: choose 1, 2, 3 or all" >&2; exit 2 ;; esac
 
-if [ "$PART" != 2 ]; then
+if [ "$PART" = all ] || [ "$PART" = 1 ]; then
 start=$(date +%s)
 $PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "$STEPS" --seeds 0 --dtype bf16 \
     --ood-tokens "$OOD_TOKENS" --output runs/gpu_levers
 cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
 echo "part 1: $(( $(date +%s) - start )) s"
 fi
-[ "$PART" = 1 ] && exit 0
+if [ "$PART" = all ] || [ "$PART" = 3 ]; then
+start=$(date +%s)
+$PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "${KD_STEPS:-640}" --seeds 0,1 --dtype bf16 --no-control \
+    --lever "train.loss=ce+kd;train.teacher=float" --ood-tokens "$OOD_TOKENS" --output runs/gpu_levers
+cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
+echo "part 3: $(( $(date +%s) - start )) s"
+fi
+[ "$PART" = 1 ] || [ "$PART" = 3 ] && exit 0
 
 # Part 2's flags are written once: the run and the results file's command line both use them.
 compare_args=(--methods qat --gptq-baseline --bits 3 --asymmetric --granularity group --group-size 64
