@@ -17,6 +17,7 @@ def test_recipe_sets_the_spec_and_flags_override_it():
     spec = parse("--recipe", str(RECIPES / "w3-g64-asym.yaml"), "--steps", "5", "--rank", "8")
     assert (spec.quant.bits, spec.quant.symmetric, spec.quant.group_size) == (3, False, 64)
     assert spec.train.steps == 5 and spec.lrqat.rank == 8
+    assert (spec.train.loss, spec.train.teacher) == ("ce+kd", "float")  # the recipe's own settings survive
 
 
 def test_method_default_learning_rates_unless_given():
