@@ -42,22 +42,23 @@ fi
 
 PART=${PART:-all}
 case "$PART" in all | 1 | 2 | 3) ;; *) echo "PART=$PART: choose 1, 2, 3 or all" >&2; exit 2 ;; esac
+wanted() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 
-if [ "$PART" = all ] || [ "$PART" = 1 ]; then
-start=$(date +%s)
-$PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "$STEPS" --seeds 0 --dtype bf16 \
-    --ood-tokens "$OOD_TOKENS" --output runs/gpu_levers
-cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
-echo "part 1: $(( $(date +%s) - start )) s"
+# Parts 1 and 3 are levers.py runs that differ only in their budget, seeds and lever.
+levers_part() {  # $1: the part's number; the rest: that part's own levers.py flags
+    local part=$1 start
+    shift
+    start=$(date +%s)
+    $PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --dtype bf16 --ood-tokens "$OOD_TOKENS" \
+        --output runs/gpu_levers "$@"
+    cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
+    echo "part $part: $(( $(date +%s) - start )) s"
+}
+if wanted 1; then levers_part 1 --steps "$STEPS" --seeds 0; fi
+if wanted 3; then
+    levers_part 3 --steps "${KD_STEPS:-640}" --seeds 0,1 --no-control --lever "train.loss=ce+kd;train.teacher=float"
 fi
-if [ "$PART" = all ] || [ "$PART" = 3 ]; then
-start=$(date +%s)
-$PY benchmarks/levers.py --setting w3-g64-asym --base lrqat --steps "${KD_STEPS:-640}" --seeds 0,1 --dtype bf16 --no-control \
-    --lever "train.loss=ce+kd;train.teacher=float" --ood-tokens "$OOD_TOKENS" --output runs/gpu_levers
-cp benchmarks/results/levers.json benchmarks/results/levers.md "$OUT"/
-echo "part 3: $(( $(date +%s) - start )) s"
-fi
-[ "$PART" = 1 ] || [ "$PART" = 3 ] && exit 0
+wanted 2 || exit 0
 
 # Part 2's flags are written once: the run and the results file's command line both use them.
 compare_args=(--methods qat --gptq-baseline --bits 3 --asymmetric --granularity group --group-size 64
