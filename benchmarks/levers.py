@@ -47,6 +47,9 @@ from lrqat.errors import LrqatError
 from lrqat.spec import QuantSpec, RunSpec
 
 SECTIONS = ("ptq", "train", "lrqat")
+# what a row's figures depend on besides its recipe: where it ran and the references its gaps use
+CONDITIONS = ("dtype", "machine", "code", "eval_tokens", "eval_data_tokens", "ppl_float", "ppl_rtn", "ppl_gptq",
+              "ppl_ood_float", "ppl_ood_rtn", "ppl_ood_gptq")
 
 
 def parse_lever(text: str) -> dict[str, dict]:
@@ -80,11 +83,39 @@ def with_earlier_seeds(row: dict | None, seeds: list[int], runs: list[dict]) -> 
     """The seeds and runs of a row once this command's runs join those an earlier command
     measured (a second seed in a later session adds to the row instead of replacing it;
     a seed run again replaces its earlier run). Gaps are recomputed against this command's
-    references, so a table's rows share one reference."""
+    references, so the seeds of a row share one reference."""
     merged = dict(zip(row["seeds"], row["per_seed"])) if row else {}
     merged.update(zip(seeds, runs))
     order = sorted(merged)
     return order, [merged[seed] for seed in order]
+
+
+def measured_under(table: dict, command_number: int) -> dict:
+    """The conditions a row is measured under, kept with the row: the table's heading shows
+    only its latest command's machine and references, and a row an earlier command wrote
+    keeps gaps computed against that command's references (on a machine that may differ)."""
+    return {"command": command_number, **{k: table[k] for k in CONDITIONS}}
+
+
+def rows_measured_elsewhere(table: dict) -> list[str]:
+    """One line per row whose conditions differ from the table heading's (`render`'s
+    footnotes): which command wrote it, on what, and the references its gaps use. A change
+    of commit alone is not flagged: every command runs a later one, and the commands list
+    already orders them."""
+    lines = []
+    for name, row in table["rows"].items():
+        own = row.get("measured")
+        if own is None or all(own[k] == table[k] for k in CONDITIONS if k != "code"):
+            continue
+        lines.append(f"- {'the control' if name.startswith('none') else f'`{name}`'}: command {own['command']}, "
+                     f"{conditions_line(own)} Its gaps are against these references.")
+    return lines
+
+
+def conditions_line(c: dict) -> str:
+    return (f"{c['dtype']} on {c['machine']}, code {c['code']}. Held-out Brown: {c['eval_tokens']} tokens (float "
+            f"{c['ppl_float']:.3f}, RTN {c['ppl_rtn']:.3f}, GPTQ {c['ppl_gptq']:.3f}); sotu: {c['eval_data_tokens']} "
+            f"tokens (float {c['ppl_ood_float']:.3f}, RTN {c['ppl_ood_rtn']:.3f}, GPTQ {c['ppl_ood_gptq']:.3f}).")
 
 
 def reference_spec(root: str, quant: QuantSpec, args: argparse.Namespace, steps: int) -> RunSpec:
@@ -138,25 +169,24 @@ def main() -> None:
             runs.append(run_compare(spec, ["lrqat"], shared=measured)["methods"]["lrqat"])
         name = lever or "none (control)"
         seeds, runs = with_earlier_seeds(table["rows"].get(name), args.seeds, runs)
-        table["rows"][name] = over_seeds(runs, reference, seeds)
+        table["rows"][name] = {**over_seeds(runs, reference, seeds), "measured": measured_under(table, len(commands))}
         commands[-1] = f"{command()}  ({round((time.time() - started) / 60, 1)} min)"
         write_results("levers", record, render(record))
 
 
 def render(record: dict) -> str:
-    lines = ["# Levers", "", ("Each table: one base recipe with one change per row, against the same references, "
-                              "run by the commands under its heading (each adds rows; a run folder a command finds "
-                              "finished is reused). Rows: mean ± half the spread over the seeds listed."), ""]
+    lines = ["# Levers", "", ("Each table: one base recipe with one change per row, run by the numbered commands "
+                              "under its heading (each adds rows; a run folder a command finds finished is reused). "
+                              "The line under the commands gives the latest command's machine and references; a row "
+                              "measured under others names them below its table. Rows: mean ± half the spread over "
+                              "the seeds listed."), ""]
     for key, t in record["tables"].items():
         lines += [
             f"## {key}",
             "",
-            *[f"- `{c}`" for c in t["commands"]],
+            *[f"{n}. `{c}`" for n, c in enumerate(t["commands"], 1)],
             "",
-            (f"{t['dtype']} on {t['machine']}, code {t['code']}. Held-out Brown: {t['eval_tokens']} "
-             f"tokens (float {t['ppl_float']:.3f}, RTN {t['ppl_rtn']:.3f}, GPTQ {t['ppl_gptq']:.3f}); sotu: "
-             f"{t['eval_data_tokens']} tokens (float {t['ppl_ood_float']:.3f}, RTN {t['ppl_ood_rtn']:.3f}, GPTQ "
-             f"{t['ppl_ood_gptq']:.3f})."),
+            conditions_line(t),
             "",
             "| lever | seeds | ppl brown | G_GPTQ | ppl sotu | G_RTN sotu | G_GPTQ sotu | train s | peak MB |",
             "|---|---|---|---|---|---|---|---|---|",
@@ -165,6 +195,8 @@ def render(record: dict) -> str:
             name = lever if lever.startswith("none") else f"`{lever}`"
             lines.append(f"| {name} | {','.join(map(str, row['seeds']))} | {cells(row, 'ppl', *QUALITY_COLUMNS)} |")
         lines.append("")
+        if elsewhere := rows_measured_elsewhere(t):
+            lines += ["Rows measured under other conditions than the heading's:", "", *elsewhere, ""]
     return "\n".join(lines)
 
 

@@ -11,7 +11,16 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
 
-from levers import folder_name, parse_lever, reference_spec, with_earlier_seeds, with_lever
+from levers import (
+    CONDITIONS,
+    folder_name,
+    measured_under,
+    parse_lever,
+    reference_spec,
+    render,
+    with_earlier_seeds,
+    with_lever,
+)
 from quality import RECIPES, SETTINGS, base_spec
 
 from lrqat.errors import LrqatError
@@ -64,3 +73,38 @@ def test_a_later_seed_joins_the_row_and_a_rerun_seed_replaces_its_run():
     assert with_earlier_seeds(row, [1], [{"ppl_ood": 31.0}]) == ([0, 1], [{"ppl_ood": 30.0}, {"ppl_ood": 31.0}])
     assert with_earlier_seeds(row, [0], [{"ppl_ood": 29.0}]) == ([0], [{"ppl_ood": 29.0}])
     assert with_earlier_seeds(None, [2, 1], [{"a": 2}, {"a": 1}]) == ([1, 2], [{"a": 1}, {"a": 2}])
+
+
+def conditions(machine: str, float_ood: float) -> dict:
+    """A table heading's conditions: where a command ran and its references."""
+    return {"dtype": "bf16", "machine": machine, "code": "abc1234", "eval_tokens": 4092, "eval_data_tokens": 65472,
+            "ppl_float": 29.7, "ppl_rtn": 84.1, "ppl_gptq": 48.3, "ppl_ood_float": float_ood, "ppl_ood_rtn": 67.6,
+            "ppl_ood_gptq": 40.8}
+
+
+def row(ppl_ood: float) -> dict:
+    figures = {"ppl": 31.0, "ppl_ood": ppl_ood, "g_gptq": 0.9, "ood_g_rtn": 0.9, "ood_g_gptq": 0.7,
+               "train_seconds": 100.0, "peak_memory_mb": 2000.0}
+    return {"seeds": [0], "per_seed": [figures], **figures}
+
+
+def test_a_row_an_earlier_command_measured_elsewhere_names_its_own_machine_and_references():
+    """A later command overwrites the heading's machine and references; a row it did not
+    rerun keeps the conditions its gaps were computed under, and the table says so."""
+    table = {**conditions("AMX machine", 26.470), "rows": {}, "commands": ["first", "second"]}
+    table["rows"]["none (control)"] = {**row(31.277), "measured": measured_under(table, 1)}
+    table.update(conditions("no-AMX machine", 26.488))  # the second command's heading
+    table["rows"]["train.loss=ce+kd"] = {**row(30.513), "measured": measured_under(table, 2)}
+    assert set(table["rows"]["none (control)"]["measured"]) == {"command", *CONDITIONS}
+    text = render({"tables": {"w3, 640 steps, base lrqat": table}})
+    heading, footnotes = text.split("| lever |")[0], text.split("Rows measured under other conditions")[1]
+    assert "no-AMX machine" in heading and "AMX machine" not in heading.replace("no-AMX", "")
+    assert "the control: command 1, bf16 on AMX machine" in footnotes and "float 26.470" in footnotes
+    assert "ce+kd" not in footnotes  # measured under the heading's own conditions
+
+
+def test_rows_measured_under_the_headings_conditions_add_no_footnote():
+    table = {**conditions("one machine", 26.488), "rows": {}, "commands": ["first"]}
+    table["rows"]["none (control)"] = {**row(31.0), "measured": measured_under(table, 1)}
+    table["code"] = "def5678"  # a later commit alone is not another condition
+    assert "other conditions" not in render({"tables": {"t": table}})
