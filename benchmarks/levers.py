@@ -93,7 +93,9 @@ def with_earlier_seeds(row: dict | None, seeds: list[int], runs: list[dict]) -> 
 def measured_under(table: dict, command_number: int) -> dict:
     """The conditions a row is measured under, kept with the row: the table's heading shows
     only its latest command's machine and references, and a row an earlier command wrote
-    keeps gaps computed against that command's references (on a machine that may differ)."""
+    keeps gaps computed against that command's references (on a machine that may differ). A
+    row whose seeds ran under several commands carries the latest's, whose references all its
+    gaps are recomputed against (`with_earlier_seeds`)."""
     return {"command": command_number, **{k: table[k] for k in CONDITIONS}}
 
 
