@@ -115,6 +115,7 @@ def rows_measured_elsewhere(table: dict) -> list[str]:
 
 
 def conditions_line(c: dict) -> str:
+    """Conditions as the sentence under a table's commands (and in its footnotes)."""
     return (f"{c['dtype']} on {c['machine']}, code {c['code']}. Held-out Brown: {c['eval_tokens']} tokens (float "
             f"{c['ppl_float']:.3f}, RTN {c['ppl_rtn']:.3f}, GPTQ {c['ppl_gptq']:.3f}); sotu: {c['eval_data_tokens']} "
             f"tokens (float {c['ppl_ood_float']:.3f}, RTN {c['ppl_ood_rtn']:.3f}, GPTQ {c['ppl_ood_gptq']:.3f}).")
