@@ -106,8 +106,8 @@ def rows_measured_elsewhere(table: dict) -> list[str]:
     already orders them."""
     lines = []
     for name, row in table["rows"].items():
-        own = row.get("measured")
-        if own is None or all(own[k] == table[k] for k in CONDITIONS if k != "code"):
+        own = row["measured"]
+        if all(own[k] == table[k] for k in CONDITIONS if k != "code"):
             continue
         lines.append(f"- {'the control' if name.startswith('none') else f'`{name}`'}: command {own['command']}, "
                      f"{conditions_line(own)} Its gaps are against these references.")
