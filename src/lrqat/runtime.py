@@ -29,8 +29,9 @@ def bf16_slowdown() -> float:
     """How many times longer a bf16 matmul takes than an fp32 one here, measured once.
     Why measured, not looked up: CPUs without native bf16 (AVX2 only: no AVX512-BF16,
     no AMX) run it through a scalar fallback, measured 100x slower than fp32 on a
-    2-core AMD EPYC, so a bf16 run there takes hours where fp32 takes minutes; the CPU
-    flags that predict this differ by vendor and torch build, the timing does not."""
+    2-core AMD EPYC, so a bf16 run there takes hours where fp32 takes minutes; a Xeon
+    with AVX512-BF16 but no AMX measured 3x slower, one with AMX faster than fp32. The
+    CPU flags that predict this differ by vendor and torch build, the timing does not."""
     if torch.cuda.is_available():
         return 1.0
     threads = torch.get_num_threads()
@@ -61,8 +62,9 @@ def slow_dtype_warning(dtype: str) -> str | None:
     an error: bf16 still halves the memory, which may be the point of the choice)."""
     if dtype != "bf16" or not bf16_is_slow():
         return None
-    return (f"warning: bf16 runs about {bf16_slowdown():.0f}x slower than fp32 on this CPU (no native bf16: "
-            "AVX512-BF16 or AMX); --dtype fp32 trains faster here, bf16 only halves the memory")
+    return (f"warning: a bf16 matmul measured {bf16_slowdown():.0f}x slower than fp32 on this CPU (bf16 is fast "
+            "with AMX or on a GPU; without AMX it is emulated, or half-speed with AVX512-BF16); --dtype fp32 "
+            "avoids the slowdown, bf16 only halves the memory")
 
 
 def teacher_dtype() -> torch.dtype:
