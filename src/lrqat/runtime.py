@@ -63,7 +63,7 @@ def slow_dtype_warning(dtype: str) -> str | None:
     if dtype != "bf16" or not bf16_is_slow():
         return None
     return (f"warning: a bf16 matmul measured {bf16_slowdown():.0f}x slower than fp32 on this CPU (bf16 is fast "
-            "with AMX or on a GPU; without AMX it is emulated, or half-speed with AVX512-BF16); --dtype fp32 "
+            "with AMX or on a GPU; without AMX it is emulated, or slower with AVX512-BF16 alone); --dtype fp32 "
             "avoids the slowdown, bf16 only halves the memory")
 
 
